@@ -1,0 +1,157 @@
+"""What the control plane does with a node agent's registration and heartbeats.
+
+The agent only reports; the control plane decides. Each heartbeat records the node's
+health and Ray identity, moves the node along its state table, and answers with the
+commands the node should obey (join the head, stop, drain).
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from clusters import planner
+from clusters.choices import ClusterStatus as C
+from clusters.choices import EventLevel, NodeRole
+from clusters.choices import NodeState as N
+from clusters.models import Cluster, Node
+from clusters.providers.catalog import find_instance_type
+from clusters.reconciler import walk_status
+from clusters.services import request_reconcile
+from clusters.transitions import node_transition
+from controlplane.models import hash_token
+
+NODE_TOKEN_PREFIX = "cun_"
+AGENT_STATES = ("waiting_for_head", "starting_ray", "ready", "failed", "stopping")
+
+
+class RegistrationRefused(Exception):
+    pass
+
+
+@dataclass
+class HeartbeatReply:
+    commands: list[dict] = field(default_factory=list)
+    heartbeat_interval_s: float = 5.0
+
+
+def _interval(cluster: Cluster, node: Node) -> float:
+    if node.state != N.READY or cluster.status != C.RUNNING:
+        return settings.CUMULUS_HEARTBEAT_FAST_INTERVAL_S
+    return settings.CUMULUS_HEARTBEAT_INTERVAL_S
+
+
+def ray_params(cluster: Cluster, node: Node) -> dict:
+    itype = find_instance_type(cluster.provider, node.instance_type)
+    cpus, gpus, memory_gb = (itype.cpus, itype.gpus, itype.memory_gb) if itype else (1, 0, 1)
+    return {
+        "num_cpus": cpus,
+        "num_gpus": gpus,
+        "memory_bytes": int(memory_gb * 2**30),
+        "resources": {},
+        "labels": {"cumulus.io/group": node.group_name, "cumulus.io/node": node.name},
+    }
+
+
+@transaction.atomic
+def node_register(*, node: Node, address: str, hostname: str) -> tuple[Node, str]:
+    """Exchange the node's one-time bootstrap token for a node token. Refused if already used or too late."""
+    node = Node.objects.select_for_update().select_related("cluster").get(pk=node.pk)
+    if node.bootstrap_token_used_at is not None:
+        raise RegistrationRefused("this bootstrap token has already been used")
+    if node.state not in (N.REQUESTED, N.PROVISIONING):
+        raise RegistrationRefused(f"node {node.name} is {node.state}")
+    raw = NODE_TOKEN_PREFIX + secrets.token_urlsafe(32)
+    now = timezone.now()
+    extra = {"bootstrap_token_used_at": now, "node_token_hash": hash_token(raw), "last_heartbeat_at": now,
+             "private_ip": address[:64] if address else node.private_ip, "agent_state": "registered"}
+    if node.state == N.REQUESTED:  # the agent beat the provider call's return: the machine evidently exists
+        node_transition(node=node, to=N.PROVISIONING, reason="agent registered before the launch call returned",
+                        extra={"launched_at": now})
+    node_transition(node=node, to=N.BOOTING, reason=f"agent registered from {hostname or address}", extra=extra)
+    return node, raw
+
+
+def node_for_token(raw: str) -> Node | None:
+    if not raw.startswith(NODE_TOKEN_PREFIX):
+        return None
+    return Node.objects.select_related("cluster").filter(node_token_hash=hash_token(raw)).first()
+
+
+def node_heartbeat(*, node: Node, state: str, message: str, ray: dict) -> HeartbeatReply:
+    """Record one heartbeat and answer with commands."""
+    now = timezone.now()
+    cluster = node.cluster
+    reply = HeartbeatReply()
+    changed = False
+    with transaction.atomic():
+        node = Node.objects.select_for_update().select_related("cluster").get(pk=node.pk)
+        cluster = node.cluster
+        if node.state in (N.TERMINATING, N.TERMINATED, N.LOST):
+            reply.commands.append({"type": "stop", "reason": f"node is {node.state.lower()}"})
+            reply.heartbeat_interval_s = settings.CUMULUS_HEARTBEAT_INTERVAL_S
+            return reply
+        fields = {"last_heartbeat_at": now, "agent_state": state, "agent_message": (message or "")[:500]}
+        ray_node_id = ray.get("node_id") or ""
+        if ray_node_id:
+            fields["ray_node_id"] = ray_node_id[:64]
+        Node.objects.filter(pk=node.pk).update(**fields)
+        for name, value in fields.items():
+            setattr(node, name, value)
+
+        if state == "ready" and node.state in (N.PROVISIONING, N.BOOTING):
+            if node.state == N.PROVISIONING:
+                node_transition(node=node, to=N.BOOTING, reason="agent reported")
+            node_transition(node=node, to=N.READY, reason="Ray node alive" + (f" ({ray_node_id[:12]})" if ray_node_id
+                                                                               else ""))
+            changed = True
+        elif state == "failed" and node.state in (N.PROVISIONING, N.BOOTING, N.READY, N.DRAINING):
+            node_transition(node=node, to=N.LOST, reason=f"agent reported failure: {message}"[:500],
+                            level=EventLevel.ERROR)
+            changed = True
+        elif state == "stopping" and node.state in (N.READY, N.BOOTING, N.PROVISIONING):
+            changed = True  # the node is leaving on its own; the reconciler will notice the machine go
+
+        if node.role == NodeRole.HEAD and node.state == N.READY:
+            head_fields: dict = {"ray_reported_at": now}
+            if ray.get("gcs_address"):
+                head_fields["gcs_address"] = str(ray["gcs_address"])[:100]
+            if ray.get("dashboard_url"):
+                head_fields["dashboard_url"] = str(ray["dashboard_url"])[:300]
+            alive = ray.get("alive_node_ids")
+            if isinstance(alive, list):
+                head_fields["ray_alive_node_ids"] = [str(a)[:64] for a in alive][:10000]
+            Cluster.objects.filter(pk=cluster.pk).update(**head_fields)
+            for name, value in head_fields.items():
+                setattr(cluster, name, value)
+
+        if node.role == NodeRole.WORKER and node.state in (N.PROVISIONING, N.BOOTING) and state == "waiting_for_head":
+            head = cluster.nodes.filter(role=NodeRole.HEAD, state=N.READY).first()
+            if head is not None and cluster.gcs_address:
+                reply.commands.append({"type": "join", "gcs_address": cluster.gcs_address})
+        if node.state == N.DRAINING:
+            reply.commands.append({"type": "drain", "reason": node.state_reason or "scale down"})
+
+        if changed:
+            _refresh_status(cluster)
+            request_reconcile(cluster.pk)
+    reply.heartbeat_interval_s = _interval(cluster, node)
+    return reply
+
+
+def _refresh_status(cluster: Cluster) -> None:
+    """The fast path: a node became ready, so the cluster may be RUNNING now, without waiting for a reconcile."""
+    cluster.refresh_from_db()
+    nodes = [planner.NodeView(n.pk, n.name, n.role, n.group_name, n.state)
+             for n in cluster.nodes.exclude(state=N.TERMINATED)]
+    view = planner.ClusterView(
+        status=cluster.status,
+        head_instance_type=cluster.head_instance_type,
+        groups=tuple(planner.GroupView(g.name, g.instance_type, g.min_workers, g.desired_workers, g.spot)
+                     for g in cluster.groups.all()),
+    )
+    walk_status(cluster, planner.target_status(view, nodes))

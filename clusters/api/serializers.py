@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+from collections import Counter
+
+from django.utils import timezone
+from rest_framework import serializers
+
+from clusters.choices import NodeState
+from clusters.models import Cluster, ClusterEvent, Node, NodeGroup
+from clusters.providers.catalog import find_instance_type
+
+
+class WorkerGroupOut(serializers.ModelSerializer):
+    class Meta:
+        model = NodeGroup
+        fields = ["name", "instance_type", "min_workers", "max_workers", "spot", "target_workers"]
+        read_only_fields = fields
+
+
+def cost_so_far(cluster: Cluster, nodes: list[Node]) -> float:
+    """Node-seconds times the catalog price of each node's type and market, to the second."""
+    now = timezone.now()
+    total = 0.0
+    for node in nodes:
+        if node.launched_at is None:
+            continue
+        itype = find_instance_type(cluster.provider, node.instance_type)
+        if itype is None:
+            continue
+        price = itype.spot_price_per_hour if node.market == "spot" and itype.spot_price_per_hour else itype.price_per_hour
+        end = node.terminated_at or now
+        total += max(0.0, (end - node.launched_at).total_seconds()) / 3600 * price
+    return round(total, 6)
+
+
+class ClusterSerializer(serializers.ModelSerializer):
+    id = serializers.UUIDField(source="uid", read_only=True)
+    head = serializers.SerializerMethodField()
+    worker_groups = WorkerGroupOut(source="groups", many=True, read_only=True)
+    nodes = serializers.SerializerMethodField(help_text="Node counts by state (terminated nodes not counted).")
+    cost_so_far = serializers.SerializerMethodField(help_text="US dollars, from node uptime and catalog prices.")
+    cloud_account = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Cluster
+        fields = [
+            "id", "name", "provider", "region", "zone", "cloud_account", "runtime", "head", "worker_groups",
+            "idle_timeout_minutes", "auto_stop_minutes", "tags", "status", "status_message", "created_at",
+            "updated_at", "nodes", "dashboard_url", "cost_so_far",
+        ]
+        read_only_fields = fields
+
+    def _nodes(self, obj: Cluster) -> list[Node]:
+        cache = self.context.setdefault("_nodes", {})
+        if obj.pk not in cache:
+            cache[obj.pk] = list(obj.nodes.all())
+        return cache[obj.pk]
+
+    def get_head(self, obj: Cluster) -> dict[str, str]:
+        return {"instance_type": obj.head_instance_type}
+
+    def get_nodes(self, obj: Cluster) -> dict[str, int]:
+        return dict(Counter(n.state for n in self._nodes(obj) if n.state != NodeState.TERMINATED))
+
+    def get_cost_so_far(self, obj: Cluster) -> float:
+        return cost_so_far(obj, self._nodes(obj))
+
+    def get_cloud_account(self, obj: Cluster) -> None:
+        return None
+
+
+class NodeSerializer(serializers.ModelSerializer):
+    id = serializers.UUIDField(source="key", read_only=True)
+    group = serializers.CharField(source="group_name", read_only=True)
+    uptime_seconds = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Node
+        fields = [
+            "id", "name", "role", "group", "instance_type", "market", "state", "state_reason", "state_changed_at",
+            "instance_id", "private_ip", "public_ip", "ray_node_id", "last_heartbeat_at", "created_at",
+            "launched_at", "ready_at", "terminated_at", "uptime_seconds",
+        ]
+        read_only_fields = fields
+
+    def get_uptime_seconds(self, obj: Node) -> float | None:
+        if obj.launched_at is None:
+            return None
+        return round(((obj.terminated_at or timezone.now()) - obj.launched_at).total_seconds(), 1)
+
+
+class ClusterEventSerializer(serializers.ModelSerializer):
+    node = serializers.CharField(source="node.name", read_only=True, default=None, allow_null=True)
+
+    class Meta:
+        model = ClusterEvent
+        fields = ["id", "created_at", "kind", "level", "message", "node", "data"]
+        read_only_fields = fields
+
+
+class InstanceTypeSerializer(serializers.Serializer):
+    provider = serializers.CharField()
+    name = serializers.CharField()
+    cpus = serializers.IntegerField()
+    memory_gb = serializers.FloatField()
+    gpus = serializers.IntegerField()
+    gpu_type = serializers.CharField(allow_null=True)
+    price_per_hour = serializers.FloatField()
+    spot_price_per_hour = serializers.FloatField(allow_null=True)
+    description = serializers.CharField()

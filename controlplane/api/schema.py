@@ -1,0 +1,32 @@
+"""OpenAPI helpers: every error response is declared with the contract's shape."""
+
+from __future__ import annotations
+
+from drf_spectacular.utils import OpenApiResponse
+from rest_framework import serializers
+
+
+class ErrorDetail(serializers.Serializer):
+    code = serializers.CharField()
+    message = serializers.CharField()
+    fields = serializers.DictField(child=serializers.JSONField(), help_text="Per-field messages (400 only).")
+
+
+class ErrorEnvelope(serializers.Serializer):
+    error = ErrorDetail()
+
+
+ERRORS = {
+    400: "Validation error; `fields` holds the messages per field.",
+    401: "No token, or the token is invalid, expired or revoked.",
+    403: "Your role in this workspace is too low.",
+    404: "Not found (or in a workspace you do not belong to).",
+    409: "The object's state does not allow this.",
+    429: "Too many requests; retry after the Retry-After header.",
+}
+
+
+def errors(*codes: int) -> dict[int, OpenApiResponse]:
+    """Responses for these error codes, plus 429 which any authenticated endpoint can return."""
+    wanted = sorted({*codes, 429})
+    return {code: OpenApiResponse(ErrorEnvelope, description=ERRORS[code]) for code in wanted}

@@ -1,0 +1,46 @@
+from django.contrib import admin
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from rest_framework.routers import SimpleRouter
+
+from clusters.agent_api.views import HeartbeatView, RegisterView
+from clusters.api.views import ClusterEventViewSet, ClusterViewSet, InstanceTypesView, NodeViewSet
+from controlplane.api import errors, health
+from controlplane.api.views import MemberViewSet, TokenViewSet, WorkspaceViewSet
+
+router = SimpleRouter()
+router.register(r"workspaces", WorkspaceViewSet, basename="workspace")
+router.register(r"workspaces/(?P<ws>[a-z][a-z0-9-]{0,62})/members", MemberViewSet, basename="member")
+router.register(r"workspaces/(?P<ws>[a-z][a-z0-9-]{0,62})/clusters", ClusterViewSet, basename="cluster")
+router.register(r"workspaces/(?P<ws>[a-z][a-z0-9-]{0,62})/clusters/(?P<name>[a-z][a-z0-9-]{0,62})/nodes",
+                NodeViewSet, basename="node")
+router.register(r"workspaces/(?P<ws>[a-z][a-z0-9-]{0,62})/clusters/(?P<name>[a-z][a-z0-9-]{0,62})/events",
+                ClusterEventViewSet, basename="event")
+router.register(r"tokens", TokenViewSet, basename="token")
+
+WorkspaceViewSet.lookup_value_regex = r"[a-z][a-z0-9-]{0,62}"
+
+api_v1 = [
+    path("", include(router.urls)),
+    path("catalog/instance-types/", InstanceTypesView.as_view(), name="instance-types"),
+]
+
+agent_v1 = [
+    path("register", RegisterView.as_view(), name="agent-register"),
+    path("nodes/<uuid:node_id>/heartbeat", HeartbeatView.as_view(), name="agent-heartbeat"),
+]
+
+urlpatterns = [
+    path("api/v1/", include(api_v1)),
+    path("api/agent/v1/", include(agent_v1)),
+    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
+    path("healthz", health.healthz, name="healthz"),
+    path("metrics", health.metrics, name="metrics"),
+    path("admin/", admin.site.urls),
+]
+
+handler400 = errors.json_400
+handler403 = errors.json_403
+handler404 = errors.json_404
+handler500 = errors.json_500
