@@ -122,8 +122,10 @@ def plan(cluster: ClusterView, nodes: list[NodeView], lost: dict[str, list[str]]
             result.terminations.append((extra.id, "duplicate head"))
 
     groups = {g.name: g for g in cluster.groups}
+    doomed = {node_id for node_id, _ in result.terminations}  # workers of a lost head do not count
     for group in cluster.groups:
-        active = [n for n in live if n.role == NodeRole.WORKER and n.group_name == group.name and n.state in ACTIVE]
+        active = [n for n in live if n.role == NodeRole.WORKER and n.group_name == group.name and n.state in ACTIVE
+                  and n.id not in doomed]
         missing = group.desired_workers - len(active)
         replaced = list(lost.get(group.name, []))
         for _ in range(max(0, missing)):

@@ -17,7 +17,7 @@ import hmac
 import logging
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
@@ -188,6 +188,11 @@ def sync_from_observed(cluster: Cluster, provider: NodeProvider, observed: dict[
         if node.state == N.TERMINATING:
             to_terminate.append(node)
     _terminate(cluster, provider, to_terminate, observed)
+    if cluster.gcs_address and not cluster.nodes.filter(role=NodeRole.HEAD, state=N.READY).exists():
+        # The head is gone: its addresses must not be handed to workers or shown to users.
+        Cluster.objects.filter(pk=cluster.pk).update(gcs_address="", dashboard_url="", ray_alive_node_ids=[],
+                                                     ray_reported_at=None)
+        cluster.gcs_address = cluster.dashboard_url = ""
     return lost
 
 
@@ -203,7 +208,7 @@ def _ray_reports_dead(cluster: Cluster, node: Node) -> bool:
 def _instance_fields(inst: Instance) -> dict:
     fields = {"instance_id": inst.instance_id, "private_ip": inst.private_ip or "", "public_ip": inst.public_ip or ""}
     fields["launched_at"] = (
-        timezone.datetime.fromtimestamp(inst.launched_at, tz=timezone.UTC) if inst.launched_at else timezone.now()
+        datetime.fromtimestamp(inst.launched_at, tz=UTC) if inst.launched_at else timezone.now()
     )
     return fields
 
@@ -242,7 +247,11 @@ def apply(cluster: Cluster, provider: NodeProvider, actions: planner.Plan) -> No
     _launch_requested(cluster, provider)
 
     cluster.refresh_from_db()
-    walk_status(cluster, actions.status, actions.status_message)
+    target = actions.status
+    if cluster.status in (C.STOPPING, C.TERMINATING) and not cluster.nodes.exclude(state=N.TERMINATED).exists():
+        # The terminations above were confirmed at once: finish now rather than at the next sweep.
+        target = C.STOPPED if cluster.status == C.STOPPING else C.TERMINATED
+    walk_status(cluster, target, actions.status_message)
 
 
 def walk_status(cluster: Cluster, target: str | None, message: str = "") -> None:
@@ -265,11 +274,29 @@ def _status_message(cluster: Cluster, status: str) -> str:
 
 @transaction.atomic
 def _create_node_rows(cluster: Cluster, launches: list[planner.Launch]) -> list[Node]:
-    """Write the node rows, each with its idempotency key, before any provider call."""
+    """Write the node rows, each with its idempotency key, before any provider call.
+
+    The plan was made from a read taken before this lock: a second reconcile (its lease
+    expired, or a stale worker) may have written rows since. Count again under the lock
+    and write only what is still missing, so two planners never launch the same node twice.
+    """
     Cluster.objects.select_for_update().get(pk=cluster.pk)
     groups = {g.name: g for g in NodeGroup.objects.filter(cluster=cluster)}
+    active = list(cluster.nodes.filter(state__in=planner.ACTIVE).values_list("role", "group_name"))
+    has_head = any(role == NodeRole.HEAD for role, _ in active)
+    wanted = {name: g.desired_workers - sum(1 for role, group_name in active
+                                             if role == NodeRole.WORKER and group_name == name)
+              for name, g in groups.items()}
     created = []
     for launch in launches:
+        if launch.role == NodeRole.HEAD:
+            if has_head:
+                continue
+            has_head = True
+        else:
+            if wanted.get(launch.group_name, 0) <= 0:
+                continue
+            wanted[launch.group_name] -= 1
         prefix = "head" if launch.role == NodeRole.HEAD else launch.group_name
         used = cluster.nodes.filter(group_name=launch.group_name).count()
         node = Node.objects.create(

@@ -106,6 +106,10 @@ class RegisterView(APIView):
     permission_classes = [AllowAny]
     throttle_classes = [AgentThrottle]
 
+    def get_authenticate_header(self, request: Request) -> str:
+        # Without authenticators DRF turns 401 into 403; a bad bootstrap token is a 401 (API.md).
+        return "Bearer"
+
     @extend_schema(request=RegisterInput, responses={200: RegisterOutput, **errors(400, 401)}, tags=["agent"],
                    auth=[])
     def post(self, request: Request) -> Response:

@@ -3,6 +3,7 @@ from __future__ import annotations
 from collections import Counter
 
 from django.utils import timezone
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from clusters.choices import NodeState
@@ -40,13 +41,15 @@ class ClusterSerializer(serializers.ModelSerializer):
     nodes = serializers.SerializerMethodField(help_text="Node counts by state (terminated nodes not counted).")
     cost_so_far = serializers.SerializerMethodField(help_text="US dollars, from node uptime and catalog prices.")
     cloud_account = serializers.SerializerMethodField()
+    ray_address = serializers.CharField(source="gcs_address", read_only=True,
+                                        help_text="The head's GCS address, for `ray.init(address=...)` on its network.")
 
     class Meta:
         model = Cluster
         fields = [
             "id", "name", "provider", "region", "zone", "cloud_account", "runtime", "head", "worker_groups",
             "idle_timeout_minutes", "auto_stop_minutes", "tags", "status", "status_message", "created_at",
-            "updated_at", "nodes", "dashboard_url", "cost_so_far",
+            "updated_at", "nodes", "dashboard_url", "ray_address", "cost_so_far",
         ]
         read_only_fields = fields
 
@@ -65,6 +68,7 @@ class ClusterSerializer(serializers.ModelSerializer):
     def get_cost_so_far(self, obj: Cluster) -> float:
         return cost_so_far(obj, self._nodes(obj))
 
+    @extend_schema_field(serializers.CharField(allow_null=True, help_text="Always null for the local provider."))
     def get_cloud_account(self, obj: Cluster) -> None:
         return None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.utils import OpenApiResponse
 from rest_framework import serializers
 
@@ -30,3 +31,23 @@ def errors(*codes: int) -> dict[int, OpenApiResponse]:
     """Responses for these error codes, plus 429 which any authenticated endpoint can return."""
     wanted = sorted({*codes, 429})
     return {code: OpenApiResponse(ErrorEnvelope, description=ERRORS[code]) for code in wanted}
+
+
+class BearerTokenScheme(OpenApiAuthenticationExtension):
+    """User API tokens (`Authorization: Bearer cu_…`)."""
+
+    target_class = "controlplane.authentication.BearerTokenAuthentication"
+    name = "bearerAuth"
+
+    def get_security_definition(self, auto_schema):  # noqa: ANN001, ANN201
+        return {"type": "http", "scheme": "bearer", "description": "An API token: `cu_…`."}
+
+
+class NodeTokenScheme(OpenApiAuthenticationExtension):
+    """Node tokens of the agent API (`Authorization: Bearer cun_…`), one node each."""
+
+    target_class = "clusters.agent_api.views.NodeTokenAuthentication"
+    name = "nodeAuth"
+
+    def get_security_definition(self, auto_schema):  # noqa: ANN001, ANN201
+        return {"type": "http", "scheme": "bearer", "description": "A node token: `cun_…`, for its own node only."}
