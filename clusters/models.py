@@ -100,7 +100,7 @@ class Node(models.Model):
     role = models.CharField(max_length=8, choices=NodeRole.choices)
     name = models.CharField(max_length=80)  # "head-1", "cpu-3": readable, unique in the cluster
     instance_type = models.CharField(max_length=64)
-    market = models.CharField(max_length=8, default="on-demand")
+    market = models.CharField(max_length=16, default="on-demand")  # "on-demand" or "spot"
     state = models.CharField(max_length=16, choices=NodeState.choices, default=NodeState.REQUESTED)
     state_changed_at = models.DateTimeField(default=timezone.now)
     state_reason = models.CharField(max_length=500, blank=True)

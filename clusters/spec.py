@@ -140,17 +140,20 @@ class ClusterSpec(StrictSerializer):
         errors: dict[str, Any] = {}
         if not find_instance_type(provider, attrs["head"]["instance_type"]):
             errors["head"] = {"instance_type": [f"Unknown instance type for {provider}; choose one of: {known}."]}
-        group_errors: list[dict] = []
+        # Keyed by the group's index, like DRF's own errors for a list (LIST_SERIALIZER_ERRORS_AS_DICT),
+        # so a client reads one shape whichever check failed.
+        group_errors: dict[int, dict] = {}
         seen: set[str] = set()
-        for group in attrs.get("worker_groups", []):
+        for index, group in enumerate(attrs.get("worker_groups", [])):
             err: dict[str, list[str]] = {}
             if not find_instance_type(provider, group["instance_type"]):
                 err["instance_type"] = [f"Unknown instance type for {provider}; choose one of: {known}."]
             if group["name"] in seen:
                 err["name"] = ["Worker group names must be unique."]
             seen.add(group["name"])
-            group_errors.append(err)
-        if any(group_errors):
+            if err:
+                group_errors[index] = err
+        if group_errors:
             errors["worker_groups"] = group_errors
         if errors:
             raise serializers.ValidationError(errors)
@@ -183,9 +186,9 @@ class ClusterPatch(StrictSerializer):
         if groups is not None:
             known = ", ".join(t.name for t in instance_types(provider))
             existing = {g.name: g for g in self.context["cluster"].groups.all()}
-            group_errors: list[dict] = []
+            group_errors: dict[int, dict] = {}  # by index, as in ClusterSpec.validate
             seen: set[str] = set()
-            for group in groups:
+            for index, group in enumerate(groups):
                 err: dict[str, list[str]] = {}
                 if not find_instance_type(provider, group["instance_type"]):
                     err["instance_type"] = [f"Unknown instance type for {provider}; choose one of: {known}."]
@@ -194,7 +197,8 @@ class ClusterPatch(StrictSerializer):
                 if group["name"] in seen:
                     err["name"] = ["Worker group names must be unique."]
                 seen.add(group["name"])
-                group_errors.append(err)
-            if any(group_errors):
+                if err:
+                    group_errors[index] = err
+            if group_errors:
                 raise serializers.ValidationError({"worker_groups": group_errors})
         return attrs

@@ -81,18 +81,24 @@ def instance_id_for(node_key: str) -> str:
     return "local-" + node_key.replace("-", "")[:12]
 
 
-def node_processes(node_key: str) -> list[psutil.Process]:
-    """Every live (non-zombie) process whose environment carries `CUMULUS_NODE_KEY=node_key`."""
-    found: list[psutil.Process] = []
+def processes_by_node_key() -> dict[str, list[psutil.Process]]:
+    """One scan of the host: every live (non-zombie) process carrying the node marker, by node key."""
+    found: dict[str, list[psutil.Process]] = {}
     for proc in psutil.process_iter():
         try:
             if proc.status() == psutil.STATUS_ZOMBIE:
                 continue
-            if proc.environ().get(NODE_KEY_ENV) == node_key:
-                found.append(proc)
+            key = proc.environ().get(NODE_KEY_ENV)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
+        if key:
+            found.setdefault(key, []).append(proc)
     return found
+
+
+def node_processes(node_key: str) -> list[psutil.Process]:
+    """Every live (non-zombie) process whose environment carries `CUMULUS_NODE_KEY=node_key`."""
+    return processes_by_node_key().get(node_key, [])
 
 
 def _write_json_atomic(path: str, data: Any) -> None:
@@ -148,15 +154,19 @@ class LocalProvider:
         os.makedirs(node_dir, exist_ok=True)
         with self._locked(node_dir):
             info = _read_json(os.path.join(node_dir, INSTANCE_FILE))
-            if info is not None and os.path.exists(os.path.join(node_dir, PID_FILE)):
+            if info is not None:
                 if self._is_terminated(node_dir):
                     return self._instance(info, "terminated")
-                if self._agent_alive(node_dir) or node_processes(request.node_key):
+                # The marker, not the pid file, tells whether the machine runs: a caller killed
+                # between starting the launcher and writing agent.pid must not launch a twin.
+                if node_processes(request.node_key):
                     return self._instance(info, "running")
-                # Launched once and died since: a dead VM is not restarted.
-                self._mark_terminated(node_dir, "process tree exited")
-                self._remove_temp_dir(request.node_key)
-                return self._instance(info, "terminated")
+                if os.path.exists(os.path.join(node_dir, PID_FILE)):
+                    # Launched once and died since: a dead VM is not restarted.
+                    self._mark_terminated(node_dir, "process tree exited")
+                    self._remove_temp_dir(request.node_key)
+                    return self._instance(info, "terminated")
+                # Files written but nothing started (the caller died first): launch now.
             info = self._write_node_files(node_dir, request)
             self._launch(node_dir, request.node_key)
         logger.info("local.node.launched node_key=%s", request.node_key)
@@ -225,6 +235,7 @@ class LocalProvider:
     def list_nodes(self, cluster_uid: str | None = None) -> list[Instance]:
         """Live machines of this install (optionally one cluster); dead trees are marked terminated."""
         result: list[Instance] = []
+        running = processes_by_node_key()
         for node_dir, info in self._scan():
             tags = info.get("tags") or {}
             if tags.get(TAG_INSTALL) != self.install_id:
@@ -233,14 +244,16 @@ class LocalProvider:
                 continue
             if self._is_terminated(node_dir):
                 continue
-            if not os.path.exists(os.path.join(node_dir, PID_FILE)):
-                continue  # a launch in progress (or one that crashed before starting anything)
-            if self._agent_alive(node_dir) or node_processes(info["node_key"]):
+            if running.get(str(info["node_key"])):
                 result.append(self._instance(info, "running"))
+                continue
+            if not os.path.exists(os.path.join(node_dir, PID_FILE)):
+                # Files written, nothing started yet: a launch in progress, or one whose caller
+                # died first (the reconciler's retry of create_node with the same key launches it).
                 continue
             # The whole tree is gone (killed, crashed): like a dead VM, it is terminated.
             with self._locked(node_dir):
-                if not self._agent_alive(node_dir) and not self._is_terminated(node_dir):
+                if not node_processes(str(info["node_key"])) and not self._is_terminated(node_dir):
                     self._mark_terminated(node_dir, "process tree exited")
                     self._remove_temp_dir(info["node_key"])
                     logger.warning("local.node.lost node_key=%s", info["node_key"])
@@ -326,9 +339,6 @@ class LocalProvider:
             return proc
         except (FileNotFoundError, ValueError, psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             return None
-
-    def _agent_alive(self, node_dir: str) -> bool:
-        return self._agent_process(node_dir) is not None
 
     @staticmethod
     def _is_terminated(node_dir: str) -> bool:

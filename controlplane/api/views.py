@@ -9,7 +9,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from controlplane import services
-from controlplane.api.base import WorkspaceScopedViewSet, actor_from, membership_for
+from controlplane.api.base import DEFAULT_ROLE_MAP, WorkspaceScopedViewSet, actor_from, membership_for
 from controlplane.api.schema import ERRORS, errors
 from controlplane.api.serializers import (
     MemberAddInput,
@@ -88,7 +88,7 @@ class MemberViewSet(WorkspaceScopedViewSet):
     lookup_url_kwarg = "user"
     lookup_field = "user_id"
     lookup_value_regex = r"[0-9]+"
-    role_map = {"GET": Role.VIEWER, "POST": Role.ADMIN, "PATCH": Role.ADMIN, "DELETE": Role.ADMIN}
+    role_map = {**DEFAULT_ROLE_MAP, "POST": Role.ADMIN, "PATCH": Role.ADMIN, "DELETE": Role.ADMIN}
 
     def scope_queryset(self, queryset):  # noqa: ANN001, ANN201
         return queryset.select_related("user").order_by("created_at", "id")

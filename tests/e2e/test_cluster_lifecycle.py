@@ -141,7 +141,7 @@ def test_worker_killed_during_provisioning_converges_without_leaks(control_plane
     # then the cluster reaches RUNNING with exactly the desired nodes, and nothing leaked
     api.wait_status("crash", "RUNNING", timeout=150)
     live = [n for n in api.nodes("crash") if n["state"] != "TERMINATED"]
-    assert sorted(n["name"] for n in live) == ["cpu-1", "head-1"]
+    assert sorted(n["name"] for n in live) == ["cpu-1", "head-1"], "\n".join(api.events("crash"))
     machines = control_plane.machines(created["id"])
     assert sorted(m.node_key for m in machines) == sorted(n["id"] for n in live)
     _delete_and_wait(api, "crash")
