@@ -17,8 +17,9 @@ class Cluster(WorkspaceOwned):
     uid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
     name = models.CharField(max_length=63, validators=[slug_validator])
     provider = models.CharField(max_length=32)
-    region = models.CharField(max_length=64, null=True, blank=True)
-    zone = models.CharField(max_length=64, null=True, blank=True)
+    # null (not "") means "the provider's default", as in the spec.
+    region = models.CharField(max_length=64, null=True, blank=True)  # noqa: DJ001
+    zone = models.CharField(max_length=64, null=True, blank=True)  # noqa: DJ001
     head_instance_type = models.CharField(max_length=64)
     runtime = models.JSONField(default=dict, blank=True)
     idle_timeout_minutes = models.FloatField(default=5)
@@ -82,12 +83,12 @@ class NodeGroup(models.Model):
             ),
         ]
 
+    def __str__(self) -> str:
+        return f"{self.cluster}:{self.name}"
+
     @property
     def desired_workers(self) -> int:
         return max(self.min_workers, min(self.target_workers, self.max_workers))
-
-    def __str__(self) -> str:
-        return f"{self.cluster}:{self.name}"
 
 
 class Node(models.Model):

@@ -136,7 +136,7 @@ def _reconcile_once(cluster: Cluster, owner: str) -> None:
 # --- observe and record ---------------------------------------------------------------
 
 
-def agent_api_reachable(now=None) -> bool:  # noqa: ANN001
+def agent_api_reachable(now=None) -> bool:
     """Whether agents are evidently reaching us. If no node anywhere has heartbeated lately,
     the silence is ours (the web was down), not the nodes': nobody is declared lost for it."""
     now = now or timezone.now()

@@ -144,7 +144,7 @@ def _who(actor: Actor) -> str:
     return actor.user.email if actor.user else "system"
 
 
-def live_clusters():  # noqa: ANN201 - a queryset
+def live_clusters():
     # Crosses workspaces on purpose: the sweep reconciles every live cluster of the install.
     return Cluster.objects.exclude(status__in=[ClusterStatus.TERMINATED, ClusterStatus.STOPPED])
 

@@ -40,7 +40,9 @@ def _string_map(value: Any, *, key_pattern: re.Pattern[str], max_items: int, max
         if not key_pattern.match(key):
             raise serializers.ValidationError(f"{key!r} is not a valid key.")
         if not isinstance(item, str) or len(item) > max_value or "\x00" in item:
-            raise serializers.ValidationError(f"The value of {key!r} must be a string of at most {max_value} characters.")
+            raise serializers.ValidationError(
+                f"The value of {key!r} must be a string of at most {max_value} characters."
+            )
     return value
 
 

@@ -6,6 +6,8 @@ import os
 
 from celery import Celery
 
+import controlplane.broker  # noqa: F401 - registers the embedded `cumulusfs://` transport
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings.dev")
 
 app = Celery("cumulus")

@@ -111,6 +111,9 @@ class ApiToken(models.Model):
 
     objects = ApiTokenQuerySet.as_manager()
 
+    def __str__(self) -> str:
+        return f"{self.name} (…{self.last_four})"
+
     @staticmethod
     def generate() -> str:
         return TOKEN_PREFIX + secrets.token_urlsafe(32)
@@ -121,9 +124,6 @@ class ApiToken(models.Model):
     @property
     def is_usable(self) -> bool:
         return self.revoked_at is None and (self.expires_at is None or self.expires_at > timezone.now())
-
-    def __str__(self) -> str:
-        return f"{self.name} (…{self.last_four})"
 
 
 class AuditEvent(models.Model):

@@ -20,7 +20,7 @@ from controlplane.api.schema import errors
 class NodeTokenAuthentication(BaseAuthentication):
     """`Authorization: Bearer cun_…`: a node token speaks for its one node only."""
 
-    def authenticate(self, request):  # noqa: ANN001, ANN201
+    def authenticate(self, request):
         header = get_authorization_header(request).decode("latin-1")
         scheme, _, raw = header.partition(" ")
         if scheme.lower() != "bearer" or not raw.strip():
@@ -30,7 +30,7 @@ class NodeTokenAuthentication(BaseAuthentication):
             raise exceptions.AuthenticationFailed("Invalid node token.")
         return None, node
 
-    def authenticate_header(self, request) -> str:  # noqa: ANN001
+    def authenticate_header(self, request) -> str:
         return "Bearer"
 
 
@@ -138,7 +138,7 @@ class HeartbeatView(APIView):
     permission_classes = [AllowAny]  # authentication above is mandatory: checked in post()
     throttle_classes: list = []
 
-    @extend_schema(request=HeartbeatInput, responses={200: HeartbeatOutput, **errors(400, 401, 403)},
+    @extend_schema(request=HeartbeatInput, responses={200: HeartbeatOutput, **errors(400, 401, 403, 404)},
                    tags=["agent"])
     def post(self, request: Request, node_id: str) -> Response:
         node = request.auth

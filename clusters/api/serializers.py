@@ -28,7 +28,8 @@ def cost_so_far(cluster: Cluster, nodes: list[Node]) -> float:
         itype = find_instance_type(cluster.provider, node.instance_type)
         if itype is None:
             continue
-        price = itype.spot_price_per_hour if node.market == "spot" and itype.spot_price_per_hour else itype.price_per_hour
+        spot = node.market == "spot" and itype.spot_price_per_hour
+        price = itype.spot_price_per_hour if spot else itype.price_per_hour
         end = node.terminated_at or now
         total += max(0.0, (end - node.launched_at).total_seconds()) / 3600 * price
     return round(total, 6)

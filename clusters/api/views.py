@@ -40,7 +40,7 @@ class ClusterViewSet(WorkspaceScopedViewSet):
     lookup_url_kwarg = "name"
     lookup_value_regex = NAME_REGEX
 
-    def scope_queryset(self, queryset):  # noqa: ANN001, ANN201
+    def scope_queryset(self, queryset):
         return queryset.prefetch_related(
             Prefetch("groups", queryset=NodeGroup.objects.order_by("position", "id")), "nodes"
         )
@@ -56,7 +56,7 @@ class ClusterViewSet(WorkspaceScopedViewSet):
             raise Http404
         return cluster
 
-    @extend_schema(parameters=[ALL_PARAM], responses={200: ClusterSerializer(many=True), **errors(401, 404)})
+    @extend_schema(parameters=[ALL_PARAM], responses={200: ClusterSerializer(many=True), **errors(400, 401, 404)})
     def list(self, request: Request, ws: str) -> Response:
         qs = self.get_queryset().order_by("-created_at", "-id")
         if not _flag(request, "all"):
@@ -121,7 +121,7 @@ class NodeViewSet(_ClusterChildViewSet):
     queryset = Node.objects.none()  # scoped through the cluster below
     serializer_class = NodeSerializer
 
-    @extend_schema(parameters=[ALL_PARAM], responses={200: NodeSerializer(many=True), **errors(401, 404)})
+    @extend_schema(parameters=[ALL_PARAM], responses={200: NodeSerializer(many=True), **errors(400, 401, 404)})
     def list(self, request: Request, ws: str, name: str) -> Response:
         qs = Node.objects.filter(cluster=self.cluster()).order_by("id")
         if not _flag(request, "all"):
@@ -134,7 +134,7 @@ class ClusterEventViewSet(_ClusterChildViewSet):
     queryset = ClusterEvent.objects.none()
     serializer_class = ClusterEventSerializer
 
-    @extend_schema(responses={200: ClusterEventSerializer(many=True), **errors(401, 404)})
+    @extend_schema(responses={200: ClusterEventSerializer(many=True), **errors(400, 401, 404)})
     def list(self, request: Request, ws: str, name: str) -> Response:
         qs = ClusterEvent.objects.filter(cluster=self.cluster()).select_related("node").order_by("-created_at", "-id")
         page = self.paginate_queryset(qs)
@@ -145,7 +145,7 @@ class InstanceTypesView(APIView):
     """The catalog of node types per provider, with prices."""
 
     @extend_schema(
-        parameters=[OpenApiParameter("provider", str, description="Only this provider's types.")],
+        parameters=[OpenApiParameter("provider", str, enum=sorted(CATALOG), description="Only this provider's types.")],
         responses={200: InstanceTypeSerializer(many=True), **errors(400, 401)},
     )
     def get(self, request: Request) -> Response:

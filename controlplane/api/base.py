@@ -74,13 +74,13 @@ class WorkspaceScopedViewSet(viewsets.GenericViewSet):
                 f"Your role in {self.workspace.slug} is {self.membership.role}; this needs {needed} or above."
             )
 
-    def get_queryset(self):  # noqa: ANN201
+    def get_queryset(self):
         model = self.queryset.model  # type: ignore[union-attr]
         if getattr(self, "swagger_fake_view", False):  # schema generation: no request, no workspace
             return model.objects.none()
         return self.scope_queryset(model.objects.for_workspace(self.workspace))
 
-    def scope_queryset(self, queryset):  # noqa: ANN001, ANN201
+    def scope_queryset(self, queryset):
         return queryset
 
     @property

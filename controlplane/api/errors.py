@@ -67,17 +67,17 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
     return response
 
 
-def json_404(request, exception=None):  # noqa: ANN001, ANN201
+def json_404(request, exception=None):
     return JsonResponse(error_body("not_found", "Not found."), status=status.HTTP_404_NOT_FOUND)
 
 
-def json_500(request):  # noqa: ANN001, ANN201
+def json_500(request):
     return JsonResponse(error_body("server_error", "Internal server error."), status=500)
 
 
-def json_400(request, exception=None):  # noqa: ANN001, ANN201
+def json_400(request, exception=None):
     return JsonResponse(error_body("bad_request", "Bad request."), status=400)
 
 
-def json_403(request, exception=None):  # noqa: ANN001, ANN201
+def json_403(request, exception=None):
     return JsonResponse(error_body("permission_denied", "Forbidden."), status=403)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from drf_spectacular.extensions import OpenApiAuthenticationExtension
+from drf_spectacular.extensions import OpenApiAuthenticationExtension, OpenApiSerializerExtension
 from drf_spectacular.utils import OpenApiResponse
 from rest_framework import serializers
 
@@ -18,10 +18,10 @@ class ErrorEnvelope(serializers.Serializer):
 
 
 ERRORS = {
-    400: "Validation error; `fields` holds the messages per field.",
+    400: "Validation error (of the body or of a query parameter such as page_size); `fields` holds the messages.",
     401: "No token, or the token is invalid, expired or revoked.",
     403: "Your role in this workspace is too low.",
-    404: "Not found (or in a workspace you do not belong to).",
+    404: "Not found (or in a workspace you do not belong to, or a page past the end).",
     409: "The object's state does not allow this.",
     429: "Too many requests; retry after the Retry-After header.",
 }
@@ -39,7 +39,7 @@ class BearerTokenScheme(OpenApiAuthenticationExtension):
     target_class = "controlplane.authentication.BearerTokenAuthentication"
     name = "bearerAuth"
 
-    def get_security_definition(self, auto_schema):  # noqa: ANN001, ANN201
+    def get_security_definition(self, auto_schema):
         return {"type": "http", "scheme": "bearer", "description": "An API token: `cu_…`."}
 
 
@@ -49,5 +49,17 @@ class NodeTokenScheme(OpenApiAuthenticationExtension):
     target_class = "clusters.agent_api.views.NodeTokenAuthentication"
     name = "nodeAuth"
 
-    def get_security_definition(self, auto_schema):  # noqa: ANN001, ANN201
+    def get_security_definition(self, auto_schema):
         return {"type": "http", "scheme": "bearer", "description": "A node token: `cun_…`, for its own node only."}
+
+
+class StrictSerializerSchema(OpenApiSerializerExtension):
+    """Strict inputs refuse unknown keys (controlplane.api.fields); say so in the schema."""
+
+    target_class = "controlplane.api.fields.StrictSerializer"
+    match_subclasses = True
+
+    def map_serializer(self, auto_schema, direction):
+        schema = auto_schema._map_basic_serializer(self.target, direction)
+        schema["additionalProperties"] = False
+        return schema

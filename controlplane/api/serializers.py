@@ -30,7 +30,7 @@ class WorkspaceCreateInput(StrictSerializer):
 
 
 class WorkspaceUpdateInput(StrictSerializer):
-    name = StrictCharField(max_length=200)
+    name = StrictCharField(max_length=200, required=False)
 
 
 class MemberSerializer(serializers.ModelSerializer):
@@ -44,12 +44,14 @@ class MemberSerializer(serializers.ModelSerializer):
 
 
 class MemberAddInput(StrictSerializer):
-    email = serializers.EmailField(max_length=254)
+    # 150, not 254: the address is also the username (AbstractUser.username is 150 characters);
+    # PostgreSQL refused longer ones with a 500.
+    email = serializers.EmailField(max_length=150)
     role = serializers.ChoiceField(choices=Role.choices)
 
 
 class MemberRoleInput(StrictSerializer):
-    role = serializers.ChoiceField(choices=Role.choices)
+    role = serializers.ChoiceField(choices=Role.choices, required=False)
 
 
 class TokenSerializer(serializers.ModelSerializer):

@@ -37,11 +37,11 @@ class WorkspaceViewSet(viewsets.GenericViewSet):
     def _roles(self) -> dict[int, str]:
         return dict(Membership.objects.filter(user=self.request.user).values_list("workspace_id", "role"))
 
-    def _out(self, workspace: Workspace, **kwargs) -> Response:  # noqa: ANN003
+    def _out(self, workspace: Workspace, **kwargs) -> Response:
         data = WorkspaceSerializer(workspace, context={"roles": self._roles()}).data
         return Response(data, **kwargs)
 
-    @extend_schema(responses={200: WorkspaceSerializer(many=True), **errors(401)})
+    @extend_schema(responses={200: WorkspaceSerializer(many=True), **errors(400, 401, 404)})
     def list(self, request: Request) -> Response:
         roles = self._roles()
         qs = Workspace.objects.filter(pk__in=roles).order_by("slug")
@@ -63,6 +63,8 @@ class WorkspaceViewSet(viewsets.GenericViewSet):
     def partial_update(self, request: Request, ws: str) -> Response:
         membership = self._require(ws, Role.ADMIN)
         data = WorkspaceUpdateInput.validated(request.data)
+        if "name" not in data:  # PATCH semantics: nothing asked, nothing changed
+            return self._out(membership.workspace)
         workspace = services.workspace_update(workspace=membership.workspace, name=data["name"],
                                               actor=actor_from(request))
         return self._out(workspace)
@@ -90,10 +92,10 @@ class MemberViewSet(WorkspaceScopedViewSet):
     lookup_value_regex = r"[0-9]+"
     role_map = {**DEFAULT_ROLE_MAP, "POST": Role.ADMIN, "PATCH": Role.ADMIN, "DELETE": Role.ADMIN}
 
-    def scope_queryset(self, queryset):  # noqa: ANN001, ANN201
+    def scope_queryset(self, queryset):
         return queryset.select_related("user").order_by("created_at", "id")
 
-    @extend_schema(responses={200: MemberSerializer(many=True), **errors(401, 404)})
+    @extend_schema(responses={200: MemberSerializer(many=True), **errors(400, 401, 404)})
     def list(self, request: Request, ws: str) -> Response:
         page = self.paginate_queryset(self.get_queryset())
         return self.get_paginated_response(MemberSerializer(page, many=True).data)
@@ -110,6 +112,8 @@ class MemberViewSet(WorkspaceScopedViewSet):
     def partial_update(self, request: Request, ws: str, user: str) -> Response:
         membership = self.get_object()
         data = MemberRoleInput.validated(request.data)
+        if "role" not in data:  # PATCH semantics: nothing asked, nothing changed
+            return Response(MemberSerializer(membership).data)
         self._guard_owner_change(data["role"], membership)
         membership = services.member_change_role(membership=membership, role=data["role"], actor=self.actor)
         return Response(MemberSerializer(membership).data)
@@ -127,7 +131,7 @@ class MemberViewSet(WorkspaceScopedViewSet):
         if touches_owner and self.membership.role != Role.OWNER:
             raise exceptions.PermissionDenied("Only an owner can grant, change or remove the owner role.")
 
-    def initial(self, request: Request, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+    def initial(self, request: Request, *args, **kwargs) -> None:
         # Leaving a workspace needs no admin role: let the DELETE of one's own membership through.
         if request.method == "DELETE" and kwargs.get("user") == str(getattr(request.user, "pk", "")):
             self.action_roles = {"destroy": Role.VIEWER}
@@ -141,13 +145,13 @@ class TokenViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
     queryset = ApiToken.objects.none()
     lookup_value_regex = r"[0-9]+"
 
-    def get_queryset(self):  # noqa: ANN201
+    def get_queryset(self):
         if getattr(self, "swagger_fake_view", False):
             return ApiToken.objects.none()
         return ApiToken.objects.filter(user=self.request.user).order_by("-created_at", "-id")
 
-    @extend_schema(responses={200: TokenSerializer(many=True), **errors(401)})
-    def list(self, request: Request, *args, **kwargs) -> Response:  # noqa: ANN002, ANN003
+    @extend_schema(responses={200: TokenSerializer(many=True), **errors(400, 401, 404)})
+    def list(self, request: Request, *args, **kwargs) -> Response:
         return super().list(request, *args, **kwargs)
 
     @extend_schema(request=TokenCreateInput, responses={201: TokenCreatedSerializer, **errors(400, 401)})

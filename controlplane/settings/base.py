@@ -7,7 +7,7 @@ directory (`.cumulus/` in the checkout, or CUMULUS_DATA_DIR).
 
 from __future__ import annotations
 
-from controlplane.env import BASE_DIR, data_dir, env
+from controlplane.env import data_dir, env
 
 DATA_DIR = data_dir()
 
@@ -139,14 +139,15 @@ CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"
 
 # --- Celery ---------------------------------------------------------------------------
 _broker_dir = DATA_DIR / "broker"
-CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="filesystem://")
-if CELERY_BROKER_URL.startswith("filesystem://"):
-    for sub in ("queue", "processed"):
+CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="cumulusfs://")
+if CELERY_BROKER_URL.startswith("cumulusfs://"):
+    for sub in ("queue", "processed", "control"):
         (_broker_dir / sub).mkdir(parents=True, exist_ok=True)
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(_broker_dir / "queue"),
         "data_folder_out": str(_broker_dir / "queue"),
         "processed_folder": str(_broker_dir / "processed"),
+        "control_folder": str(_broker_dir / "control"),
         "store_processed": False,
         "polling_interval": 0.1,
     }

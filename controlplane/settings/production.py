@@ -1,7 +1,7 @@
 """Production: every secret and endpoint comes from the environment; missing ones fail fast."""
 
-from controlplane.settings.base import *  # noqa: F403
 from controlplane.env import env
+from controlplane.settings.base import *  # noqa: F403
 
 SECRET_KEY = env.str("DJANGO_SECRET_KEY")  # required: no default
 DATABASES = {"default": env.db("DATABASE_URL")}  # required: no default
@@ -17,4 +17,6 @@ SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=True)
 CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=True)
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 if env.str("REDIS_CACHE_URL", default=""):
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": env.str("REDIS_CACHE_URL")}}
+    CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": env.str("REDIS_CACHE_URL")}
+    }

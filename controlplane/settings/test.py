@@ -6,7 +6,7 @@ broker of their own (see tests/e2e/harness.py).
 """
 
 from controlplane.settings.base import *  # noqa: F403
-from controlplane.settings.base import DATABASES, DATA_DIR, REST_FRAMEWORK
+from controlplane.settings.base import DATA_DIR, DATABASES, REST_FRAMEWORK
 
 # Nothing published by the fast layer may reach a real broker: a stray reconcile there
 # would start Ray processes.

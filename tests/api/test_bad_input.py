@@ -97,8 +97,8 @@ BAD_SPECS = [
     ("worker_groups.0.name", "head", {"worker_groups": {"0": {"name": "reserved"}}}),
     ("worker_groups.0.name", "CPU!", {"worker_groups": {"0": {"name": "lowercase"}}}),
     ("worker_groups.0.surprise", 1, {"worker_groups": {"0": {"surprise": "Unknown field"}}}),
-    ("worker_groups", {"name": "cpu"}, {"worker_groups": "list"}),
-    ("worker_groups", "cpu", {"worker_groups": "list"}),
+    ("worker_groups", {"name": "cpu"}, {"worker_groups": {"non_field_errors": "list"}}),
+    ("worker_groups", "cpu", {"worker_groups": {"non_field_errors": "list"}}),
     ("head.instance_type", "gpu.huge", {"head": {"instance_type": "Unknown instance type"}}),
     ("head.instance_type", 7, {"head": {"instance_type": "valid string"}}),
     ("head", None, {"head": "null"}),
@@ -260,10 +260,13 @@ def test_a_taken_workspace_slug_is_400(api: Api, workspace: Workspace):
 
 
 def test_bad_workspace_patch_is_400(api: Api, workspace: Workspace):
-    for body, fields in (({}, {"name": "required"}), ({"name": None}, {"name": "null"}),
+    for body, fields in (({"name": None}, {"name": "null"}), ({"name": ""}, {"name": "blank"}),
                          ({"slug": "new"}, {"slug": "Unknown field"})):
         assert_400(api.patch(f"workspaces/{workspace.slug}/", body), fields)
     assert Workspace.objects.get(pk=workspace.pk).name == workspace.name
+    before = counts()
+    assert api.patch(f"workspaces/{workspace.slug}/", {}).json()["name"] == workspace.name  # PATCH of nothing
+    assert counts() == before
 
 
 @pytest.mark.parametrize(
@@ -274,6 +277,7 @@ def test_bad_workspace_patch_is_400(api: Api, workspace: Workspace):
         ({"email": "a@example.com", "role": ["member"]}, {"role": "not a valid choice"}),
         ({"email": 5, "role": "member"}, {"email": "valid email"}),
         ({"role": "member"}, {"email": "required"}),
+        ({"email": "a@" + "b" * 150 + ".example.com", "role": "member"}, {"email": "150"}),
         ({"email": "a@example.com", "role": "member", "admin": True}, {"admin": "Unknown field"}),
     ],
 )
@@ -286,7 +290,8 @@ def test_bad_member_add_is_400(api: Api, workspace: Workspace, body: Any, fields
 def test_bad_member_patch_is_400(api: Api, workspace: Workspace, user):
     url = f"workspaces/{workspace.slug}/members/{user.pk}/"
     assert_400(api.patch(url, {"role": "boss"}), {"role": "not a valid choice"})
-    assert_400(api.patch(url, {}), {"role": "required"})
+    assert_400(api.patch(url, {"role": None}), {"role": "null"})
+    assert api.patch(url, {}).json()["role"] == "owner"  # PATCH of nothing changes nothing
     assert api.patch(f"workspaces/{workspace.slug}/members/999999/", {"role": "viewer"}).status_code == 404
 
 
@@ -307,6 +312,11 @@ def test_bad_token_create_is_400(api: Api, body: Any, fields: dict):
     before = counts()
     assert_400(api.post("tokens/", body), fields)
     assert counts() == before
+
+
+@pytest.mark.parametrize("query", ["page_size=abc", "page_size=0", "page_size=-1", "page_size="])
+def test_a_bad_page_size_is_400(api: Api, query: str):
+    assert_400(api.get(f"workspaces/?{query}"), {"page_size": "positive whole number"})
 
 
 def test_unknown_catalog_provider_is_400(api: Api):

@@ -15,7 +15,7 @@ from clusters.models import Cluster, ClusterEvent, Node, NodeGroup
 from clusters.reconciler import bootstrap_token_for, reconcile_cluster
 from controlplane.choices import Role
 from controlplane.models import ApiToken, AuditEvent, Membership, Workspace
-from controlplane.services import token_create, token_revoke, Actor
+from controlplane.services import Actor, token_create, token_revoke
 from tests.conftest import Api, api_for
 from tests.factories import ClusterFactory, MembershipFactory, NodeFactory, UserFactory, WorkspaceFactory
 from tests.fakes import FakeProvider
@@ -196,7 +196,7 @@ def test_the_last_owner_cannot_be_removed_or_demoted(workspace: Workspace, user,
 
 
 def test_expired_and_revoked_tokens_get_401(workspace: Workspace, user):
-    expired, expired_raw = token_create(user=user, name="old", expires_at=timezone.now() - timedelta(seconds=1))
+    _, expired_raw = token_create(user=user, name="old", expires_at=timezone.now() - timedelta(seconds=1))
     revoked, revoked_raw = token_create(user=user, name="gone")
     token_revoke(token=revoked, actor=Actor(user=user))
     for raw, why in ((expired_raw, "expired"), (revoked_raw, "revoked"), ("cu_" + "x" * 43, "Invalid")):

@@ -21,11 +21,11 @@ def cpu(min_workers: int, desired: int, name: str = "cpu") -> GroupView:
     return GroupView(name, "local.medium", min_workers, desired)
 
 
-def head(state: str = N.READY, id: int = 1) -> NodeView:  # noqa: A002
+def head(state: str = N.READY, id: int = 1) -> NodeView:
     return NodeView(id, f"head-{id}", H, "head", state)
 
 
-def worker(id: int, state: str = N.READY, group: str = "cpu") -> NodeView:  # noqa: A002
+def worker(id: int, state: str = N.READY, group: str = "cpu") -> NodeView:
     return NodeView(id, f"{group}-{id}", W, group, state)
 
 

@@ -300,7 +300,7 @@ def run_concurrently(target: Callable[[], object], n: int = 2) -> list[object]:
         try:
             barrier.wait(timeout=10)
             results[i] = target()
-        except BaseException as error:  # noqa: BLE001 - reported to the test
+        except BaseException as error:
             results[i] = error
         finally:
             connection.close()
@@ -382,9 +382,9 @@ def test_workers_are_told_to_join_once_the_head_is_ready(fake_provider: FakeProv
     cluster.refresh_from_db()
     assert cluster.status == C.RUNNING
     assert cluster.status_message == "2 nodes ready"
-    assert [C.PROVISIONING, C.STARTING, C.RUNNING] == [
+    assert [
         e.data["to"] for e in ClusterEvent.objects.filter(cluster=cluster, kind=EventKind.CLUSTER_STATUS).order_by("id")
-    ]
+    ] == [C.PROVISIONING, C.STARTING, C.RUNNING]
 
 
 @pytest.mark.django_db

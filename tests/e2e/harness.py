@@ -81,7 +81,7 @@ class Api:
         assert response.status_code == 200, response.text
         return response.json()
 
-    def nodes(self, name: str, all: bool = False) -> list[dict]:  # noqa: A002
+    def nodes(self, name: str, all: bool = False) -> list[dict]:
         response = self.request("GET", self.cluster_path(name) + "nodes/", params={"all": "true"} if all else None)
         assert response.status_code == 200, response.text
         return response.json()["results"]
@@ -161,7 +161,7 @@ class ControlPlaneHarness:
     def api(self) -> Api:
         return Api(self.plane.url, self.token, self.workspace)
 
-    def provider(self):  # noqa: ANN201
+    def provider(self):
         from clusters.providers.local import LocalProvider
 
         return LocalProvider(nodes_dir=str(self.data_dir / "nodes"), install_id=self.install_id)

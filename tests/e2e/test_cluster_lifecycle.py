@@ -6,6 +6,7 @@ statuses, nodes, events, a working Ray cluster, and that no process is left behi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -178,7 +179,7 @@ def test_control_plane_restart_adopts_running_nodes(control_plane: ControlPlaneH
     _delete_and_wait(api, "adopt")
 
 
-def _delete_and_wait(api, name: str) -> None:  # noqa: ANN001
+def _delete_and_wait(api, name: str) -> None:
     assert api.request("DELETE", api.cluster_path(name)).status_code == 202
     api.wait_status(name, "TERMINATED", timeout=60)
 
@@ -193,7 +194,5 @@ def _alive(pid: int) -> bool:
 
 
 def _kill(pid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass

@@ -16,7 +16,7 @@ from controlplane.services import Actor
 class Command(BaseCommand):
     help = "Create a user (joining or creating a workspace) and print an API token."
 
-    def add_arguments(self, parser) -> None:  # noqa: ANN001
+    def add_arguments(self, parser) -> None:
         parser.add_argument("email")
         parser.add_argument("--workspace", default=None, help="Workspace slug to join or create (default: none).")
         parser.add_argument("--role", default=None, choices=[r.value for r in Role],
@@ -26,7 +26,7 @@ class Command(BaseCommand):
         parser.add_argument("--token-name", default="cli")
 
     @transaction.atomic
-    def handle(self, *args, **options) -> None:  # noqa: ANN002, ANN003
+    def handle(self, *args, **options) -> None:
         email = options["email"].strip().lower()
         if "@" not in email:
             raise CommandError(f"{email!r} is not an e-mail address")

@@ -52,7 +52,7 @@ def first_user_credentials(data_dir: Path) -> dict:
 class Command(BaseCommand):
     help = "Run the control plane (web, Celery worker, beat) with the embedded defaults."
 
-    def handle(self, *args, **options) -> None:  # noqa: ANN002, ANN003
+    def handle(self, *args, **options) -> None:
         port = int(os.environ.get("PORT", "8000"))
         call_command("migrate", verbosity=0, interactive=False)
         creds = first_user_credentials(settings.DATA_DIR)

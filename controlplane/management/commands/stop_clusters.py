@@ -17,10 +17,10 @@ from controlplane.services import Actor
 class Command(BaseCommand):
     help = "Stop every live cluster (nodes terminated, clusters kept as STOPPED) and any leftover local machine."
 
-    def add_arguments(self, parser) -> None:  # noqa: ANN001
+    def add_arguments(self, parser) -> None:
         parser.add_argument("--timeout", type=float, default=120.0)
 
-    def handle(self, *args, **options) -> None:  # noqa: ANN002, ANN003
+    def handle(self, *args, **options) -> None:
         actor = Actor.system()
         clusters = list(live_clusters())
         for cluster in clusters:
