@@ -8,7 +8,16 @@ from clusters.api.views import ClusterEventViewSet, ClusterViewSet, InstanceType
 from controlplane.api import errors, health
 from controlplane.api.views import MemberViewSet, TokenViewSet, WorkspaceViewSet
 
-router = SimpleRouter()
+
+class Router(SimpleRouter):
+    """API.md writes verbs without a trailing slash (`.../start`) and collections with one: accept both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trailing_slash = "/?"
+
+
+router = Router()
 router.register(r"workspaces", WorkspaceViewSet, basename="workspace")
 router.register(r"workspaces/(?P<ws>[a-z][a-z0-9-]{0,62})/members", MemberViewSet, basename="member")
 router.register(r"workspaces/(?P<ws>[a-z][a-z0-9-]{0,62})/clusters", ClusterViewSet, basename="cluster")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from django.conf import settings
 from django.http import Http404
 from rest_framework import exceptions, viewsets
 from rest_framework.request import Request
@@ -31,9 +32,18 @@ DEFAULT_ROLE_MAP: dict[str, str] = {
 }
 
 
+def client_ip(meta: dict) -> str | None:
+    """The caller's address. X-Forwarded-For is believed only for as many hops as we have proxies
+    (CUMULUS_TRUSTED_PROXIES): anyone can send the header, so by default it is ignored."""
+    hops = settings.CUMULUS_TRUSTED_PROXIES
+    forwarded = [part.strip() for part in meta.get("HTTP_X_FORWARDED_FOR", "").split(",") if part.strip()]
+    if hops and forwarded:
+        return forwarded[-min(hops, len(forwarded))]
+    return meta.get("REMOTE_ADDR")
+
+
 def actor_from(request: Request) -> Actor:
-    forwarded = request.META.get("HTTP_X_FORWARDED_FOR", "")
-    ip = forwarded.split(",")[0].strip() if forwarded else request.META.get("REMOTE_ADDR")
+    ip = client_ip(request.META)
     token = request.auth if getattr(request.auth, "token_hash", None) else None
     return Actor(user=request.user, token=token, ip_address=ip or None,
                  user_agent=request.META.get("HTTP_USER_AGENT", ""))

@@ -176,6 +176,8 @@ CUMULUS_NODE_BOOT_TIMEOUT_S = env.float("CUMULUS_NODE_BOOT_TIMEOUT_S", default=3
 CUMULUS_ORPHAN_GRACE_S = env.float("CUMULUS_ORPHAN_GRACE_S", default=60.0)
 CUMULUS_MAX_WORKERS_PER_GROUP = env.int("CUMULUS_MAX_WORKERS_PER_GROUP", default=100)
 CUMULUS_ENABLED_PROVIDERS = env.list("CUMULUS_ENABLED_PROVIDERS", default=["local"])
+# How many reverse proxies in front of us append to X-Forwarded-For (0: ignore the header).
+CUMULUS_TRUSTED_PROXIES = env.int("CUMULUS_TRUSTED_PROXIES", default=0)
 CUMULUS_INSTALL_ID = env.str("CUMULUS_INSTALL_ID", default="")
 CUMULUS_LOCAL_NODES_DIR = env.str("CUMULUS_LOCAL_NODES_DIR", default=str(DATA_DIR / "nodes"))
 
