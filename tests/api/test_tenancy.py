@@ -45,7 +45,7 @@ def workspace_routes() -> Iterator[tuple[str, list[str]]]:
                 yield prefix + str(p.pattern), p
 
     for regex, pattern in walk(get_resolver().url_patterns):
-        regex = regex.replace("^", "").replace("$", "")
+        regex = regex.replace("^", "").replace("$", "").replace("/?", "/")  # the router accepts both spellings
         if regex.startswith(WS_PREFIX):
             methods = sorted(getattr(pattern.callback, "actions", {}) or {"get": None})
             yield regex, methods
