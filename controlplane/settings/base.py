@@ -7,7 +7,10 @@ directory (`.cumulus/` in the checkout, or CUMULUS_DATA_DIR).
 
 from __future__ import annotations
 
+from controlplane.env import BASE_DIR as _BASE_DIR
 from controlplane.env import data_dir, env
+
+BASE_DIR = _BASE_DIR
 
 DATA_DIR = data_dir()
 
