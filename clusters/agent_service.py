@@ -14,13 +14,12 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from clusters import planner
 from clusters.choices import ClusterStatus as C
 from clusters.choices import EventLevel, NodeRole
 from clusters.choices import NodeState as N
 from clusters.models import Cluster, Node
 from clusters.providers.catalog import find_instance_type
-from clusters.reconciler import walk_status
+from clusters.reconciler import refresh_status
 from clusters.services import request_reconcile
 from clusters.transitions import node_transition
 from controlplane.models import hash_token
@@ -137,21 +136,7 @@ def node_heartbeat(*, node: Node, state: str, message: str, ray: dict) -> Heartb
             reply.commands.append({"type": "drain", "reason": node.state_reason or "scale down"})
 
         if changed:
-            _refresh_status(cluster)
+            refresh_status(cluster)
             request_reconcile(cluster.pk)
     reply.heartbeat_interval_s = _interval(cluster, node)
     return reply
-
-
-def _refresh_status(cluster: Cluster) -> None:
-    """The fast path: a node became ready, so the cluster may be RUNNING now, without waiting for a reconcile."""
-    cluster.refresh_from_db()
-    nodes = [planner.NodeView(n.pk, n.name, n.role, n.group_name, n.state)
-             for n in cluster.nodes.exclude(state=N.TERMINATED)]
-    view = planner.ClusterView(
-        status=cluster.status,
-        head_instance_type=cluster.head_instance_type,
-        groups=tuple(planner.GroupView(g.name, g.instance_type, g.min_workers, g.desired_workers, g.spot)
-                     for g in cluster.groups.all()),
-    )
-    walk_status(cluster, planner.target_status(view, nodes))

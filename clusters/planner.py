@@ -81,7 +81,8 @@ def target_status(cluster: ClusterView, nodes: list[NodeView]) -> str | None:
         return C.RUNNING if status != C.RUNNING else None
     if status in (C.RUNNING, C.UPDATING):
         return C.UPDATING if status == C.RUNNING else None
-    head_up = any(n.role == NodeRole.HEAD and n.state in (N.PROVISIONING, N.BOOTING, N.READY) for n in nodes)
+    # STARTING once the head machine is up and its agent bootstrapping Ray (not merely requested).
+    head_up = any(n.role == NodeRole.HEAD and n.state in (N.BOOTING, N.READY) for n in nodes)
     if head_up:
         return C.STARTING if status != C.STARTING else None
     return C.PROVISIONING if status == C.PENDING else None

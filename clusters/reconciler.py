@@ -119,14 +119,7 @@ def _reconcile_once(cluster: Cluster, owner: str) -> None:
     observed = {inst.node_key: inst for inst in provider.list_nodes(cluster_uid=str(cluster.uid))}
     lost = sync_from_observed(cluster, provider, observed)
     nodes = list(cluster.nodes.exclude(state=N.TERMINATED).order_by("id"))
-    view = planner.ClusterView(
-        status=cluster.status,
-        head_instance_type=cluster.head_instance_type,
-        groups=tuple(
-            planner.GroupView(g.name, g.instance_type, g.min_workers, g.desired_workers, g.spot)
-            for g in cluster.groups.all()
-        ),
-    )
+    view = _view(cluster)
     node_views = [planner.NodeView(n.pk, n.name, n.role, n.group_name, n.state) for n in nodes]
     actions = planner.plan(view, node_views, lost)
     _renew(cluster.pk, owner)
@@ -246,12 +239,32 @@ def apply(cluster: Cluster, provider: NodeProvider, actions: planner.Plan) -> No
         _create_node_rows(cluster, actions.launches)
     _launch_requested(cluster, provider)
 
+    # The plan's status was decided before the provider calls; decide again on what they did,
+    # so a launched head shows STARTING and confirmed terminations finish now, not next sweep.
+    refresh_status(cluster)
+
+
+def refresh_status(cluster: Cluster) -> None:
+    """Move the cluster to the status its nodes call for now (also the heartbeat's fast path)."""
     cluster.refresh_from_db()
-    target = actions.status
-    if cluster.status in (C.STOPPING, C.TERMINATING) and not cluster.nodes.exclude(state=N.TERMINATED).exists():
-        # The terminations above were confirmed at once: finish now rather than at the next sweep.
-        target = C.STOPPED if cluster.status == C.STOPPING else C.TERMINATED
-    walk_status(cluster, target, actions.status_message)
+    nodes = [planner.NodeView(n.pk, n.name, n.role, n.group_name, n.state)
+             for n in cluster.nodes.exclude(state=N.TERMINATED)]
+    if cluster.status in (C.STOPPING, C.TERMINATING):
+        target = None if nodes else (C.STOPPED if cluster.status == C.STOPPING else C.TERMINATED)
+    else:
+        target = planner.target_status(_view(cluster), nodes)
+    walk_status(cluster, target)
+
+
+def _view(cluster: Cluster) -> planner.ClusterView:
+    return planner.ClusterView(
+        status=cluster.status,
+        head_instance_type=cluster.head_instance_type,
+        groups=tuple(
+            planner.GroupView(g.name, g.instance_type, g.min_workers, g.desired_workers, g.spot)
+            for g in cluster.groups.all()
+        ),
+    )
 
 
 def walk_status(cluster: Cluster, target: str | None, message: str = "") -> None:

@@ -136,32 +136,78 @@ class ClusterSpec(StrictSerializer):
             raise serializers.ValidationError("Cloud accounts are not available for this provider.")
         return None
 
+    def to_internal_value(self, data: Any) -> Any:
+        try:
+            return super().to_internal_value(data)
+        except serializers.ValidationError as error:
+            # Field errors stop DRF before validate(); report unknown instance types and duplicate
+            # group names too, so one round trip shows everything that is wrong.
+            if isinstance(error.detail, dict) and isinstance(data, dict):
+                raise serializers.ValidationError(_merge(dict(error.detail), catalog_errors(data))) from None
+            raise
+
     def validate(self, attrs: dict) -> dict:
-        provider = attrs.get("provider", "local")
-        known = ", ".join(t.name for t in instance_types(provider))
-        errors: dict[str, Any] = {}
-        if not find_instance_type(provider, attrs["head"]["instance_type"]):
-            errors["head"] = {"instance_type": [f"Unknown instance type for {provider}; choose one of: {known}."]}
-        # Keyed by the group's index, like DRF's own errors for a list (LIST_SERIALIZER_ERRORS_AS_DICT),
-        # so a client reads one shape whichever check failed.
-        group_errors: dict[int, dict] = {}
-        seen: set[str] = set()
-        for index, group in enumerate(attrs.get("worker_groups", [])):
-            err: dict[str, list[str]] = {}
-            if not find_instance_type(provider, group["instance_type"]):
-                err["instance_type"] = [f"Unknown instance type for {provider}; choose one of: {known}."]
-            if group["name"] in seen:
-                err["name"] = ["Worker group names must be unique."]
-            seen.add(group["name"])
-            if err:
-                group_errors[index] = err
-        if group_errors:
-            errors["worker_groups"] = group_errors
+        errors = catalog_errors(attrs)
         if errors:
             raise serializers.ValidationError(errors)
         attrs.setdefault("runtime", {"ray_version": ray.__version__, "pip": [], "env": {}})
         attrs["runtime"].setdefault("ray_version", ray.__version__)
         return attrs
+
+
+def catalog_errors(data: dict) -> dict[str, Any]:
+    """Instance types unknown to the provider and duplicate group names, from clean or raw input."""
+    provider = data.get("provider", "local")
+    if not isinstance(provider, str) or provider not in settings.CUMULUS_ENABLED_PROVIDERS:
+        return {}  # the provider itself is the error, reported on its own field
+    known = ", ".join(t.name for t in instance_types(provider))
+    unknown = [f"Unknown instance type for {provider}; choose one of: {known}."]
+    errors: dict[str, Any] = {}
+    head = data.get("head")
+    head_type = head.get("instance_type") if isinstance(head, dict) else None
+    if isinstance(head_type, str) and not find_instance_type(provider, head_type):
+        errors["head"] = {"instance_type": unknown}
+    # Keyed by the group's index, like DRF's own errors for a list, so a client reads one
+    # shape whichever check failed.
+    group_errors: dict[int, dict] = {}
+    seen: set[str] = set()
+    groups = data.get("worker_groups")
+    for index, group in enumerate(groups if isinstance(groups, list) else []):
+        if not isinstance(group, dict):
+            continue
+        err: dict[str, list[str]] = {}
+        itype = group.get("instance_type")
+        if isinstance(itype, str) and not find_instance_type(provider, itype):
+            err["instance_type"] = unknown
+        name = group.get("name")
+        if isinstance(name, str):
+            if name in seen:
+                err["name"] = ["Worker group names must be unique."]
+            seen.add(name)
+        if err:
+            group_errors[index] = err
+    if group_errors:
+        errors["worker_groups"] = group_errors
+    return errors
+
+
+def _merge(errors: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+    """Add `more` to DRF's `errors` without replacing a message DRF already gave for a field."""
+    for key, extra in more.items():
+        have = errors.get(key)
+        if have is None:
+            errors[key] = extra
+        elif key == "head" and isinstance(have, dict):
+            errors[key] = {**extra, **have}
+        elif key == "worker_groups" and isinstance(extra, dict):
+            if isinstance(have, list):  # DRF's list shape: one entry per group, {} when fine
+                have = {i: e for i, e in enumerate(have) if e}
+            if isinstance(have, dict):
+                merged = {int(i): dict(e) for i, e in have.items()}
+                for index, err in extra.items():
+                    merged[index] = {**err, **merged.get(index, {})}
+                errors[key] = dict(sorted(merged.items()))
+    return errors
 
 
 class ClusterPatch(StrictSerializer):

@@ -18,7 +18,7 @@ from clusters.models import Cluster, ClusterEvent, Node
 CLUSTER_TRANSITIONS: dict[str, frozenset[str]] = {
     # accepted → the reconciler starts creating machines / user stops or deletes first / cannot start
     C.PENDING: frozenset({C.PROVISIONING, C.STOPPING, C.TERMINATING, C.FAILED}),
-    # machines exist → Ray starting / user stops or deletes / head cannot be launched
+    # head machine up, its agent bootstrapping → Ray starting / user stops or deletes / head cannot be launched
     C.PROVISIONING: frozenset({C.STARTING, C.STOPPING, C.TERMINATING, C.FAILED}),
     # head + min workers ready → running / a node was lost before that (stay, or re-provision)
     C.STARTING: frozenset({C.RUNNING, C.PROVISIONING, C.STOPPING, C.TERMINATING, C.FAILED}),

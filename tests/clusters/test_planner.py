@@ -144,7 +144,9 @@ def test_a_cluster_at_rest_launches_nothing_and_terminates_stragglers(status: st
     [
         (C.PENDING, [], C.PROVISIONING),
         (C.PENDING, [head(N.REQUESTED)], C.PROVISIONING),
-        (C.PENDING, [head(N.PROVISIONING)], C.STARTING),
+        (C.PENDING, [head(N.PROVISIONING)], C.PROVISIONING),  # created, not yet booted
+        (C.PROVISIONING, [head(N.PROVISIONING)], None),
+        (C.PENDING, [head(N.BOOTING)], C.STARTING),
         (C.PROVISIONING, [head(N.REQUESTED)], None),
         (C.PROVISIONING, [head(N.BOOTING)], C.STARTING),
         (C.STARTING, [head(N.READY)], None),  # min_workers not ready yet
