@@ -9,6 +9,19 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import GaugeMetricFamily
 
 
+def index(request: HttpRequest) -> JsonResponse:
+    """What a person or a script finds at the root: where everything is."""
+    return JsonResponse({
+        "name": "Cumulus",
+        "api": "/api/v1/",
+        "schema": "/api/schema/",
+        "docs": "/api/docs/",
+        "admin": "/admin/",
+        "health": "/healthz",
+        "metrics": "/metrics",
+    })
+
+
 def healthz(request: HttpRequest) -> JsonResponse:
     try:
         with connection.cursor() as cursor:

@@ -9,6 +9,7 @@ from django.db import transaction
 
 from controlplane import services
 from controlplane.choices import Role
+from controlplane.errors import DomainError
 from controlplane.models import SLUG_PATTERN, Membership, User, Workspace
 from controlplane.services import Actor
 
@@ -25,11 +26,21 @@ class Command(BaseCommand):
         parser.add_argument("--staff", action="store_true", help="Make the user a Django admin.")
         parser.add_argument("--token-name", default="cli")
 
-    @transaction.atomic
     def handle(self, *args, **options) -> None:
+        try:
+            with transaction.atomic():
+                self._handle(**options)
+        except DomainError as error:
+            raise CommandError(error.message) from None
+
+    def _handle(self, **options) -> None:
         email = options["email"].strip().lower()
         if "@" not in email:
             raise CommandError(f"{email!r} is not an e-mail address")
+        slug = options["workspace"]
+        if slug and options["role"] not in (None, Role.OWNER) and not Workspace.objects.filter(slug=slug).exists():
+            raise CommandError(f"Workspace {slug} does not exist yet and its first member becomes its owner: "
+                               "omit --role, or create it first and add this user to it.")
         user = User.objects.filter(email__iexact=email).first()
         if user is None:
             user = services.user_create(email=email, password=options["password"], is_staff=options["staff"])
@@ -38,7 +49,6 @@ class Command(BaseCommand):
             user.set_password(options["password"])
             user.save(update_fields=["password"])
         actor = Actor(user=user)
-        slug = options["workspace"]
         if slug:
             if not re.match(SLUG_PATTERN, slug):
                 raise CommandError("The workspace slug must be 1-63 lowercase letters, digits or hyphens, "
@@ -46,9 +56,6 @@ class Command(BaseCommand):
             workspace = Workspace.objects.filter(slug=slug).first()
             if workspace is None:
                 workspace = services.workspace_create(slug=slug, name=slug, owner=user, actor=actor)
-                if options["role"] and options["role"] != Role.OWNER:
-                    services.member_change_role(membership=workspace.memberships.get(user=user),
-                                                role=options["role"], actor=actor)
                 self.stdout.write(f"Created workspace {slug}")
             else:
                 membership = Membership.objects.filter(workspace=workspace, user=user).first()

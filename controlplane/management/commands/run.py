@@ -65,6 +65,7 @@ class Command(BaseCommand):
             url = plane.url
             self.stdout.write(f"Cumulus control plane: {url}/")
             self.stdout.write(f"API:                   {url}/api/v1/   (docs: {url}/api/docs/)")
+            self.stdout.write(f"Admin console:         {url}/admin/")
             self.stdout.write(f"Data directory:        {settings.DATA_DIR}  (logs in logs/)")
             if creds:
                 self.stdout.write(f"Sign in:               {creds['email']} / {creds['password']}")
