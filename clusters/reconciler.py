@@ -153,7 +153,16 @@ def sync_from_observed(cluster: Cluster, provider: NodeProvider, observed: dict[
             if inst is not None:  # created before a crash: adopt it
                 node_transition(node=node, to=N.PROVISIONING, reason="machine found", extra=_instance_fields(inst))
             continue
-        if node.state in (N.PROVISIONING, N.BOOTING, N.READY, N.DRAINING):
+        if node.state == N.DRAINING:
+            # Scale-down: the agent drains through Ray, stops Ray and says "stopping"; then the
+            # machine goes. A drain that never finishes is cut short rather than billed forever.
+            draining_for = (now - node.state_changed_at).total_seconds()
+            if node.agent_state == "stopping" or inst is None:
+                node_transition(node=node, to=N.TERMINATING, reason="drained")
+            elif draining_for > settings.CUMULUS_DRAIN_TIMEOUT_S:
+                node_transition(node=node, to=N.TERMINATING, level=EventLevel.WARNING,
+                                reason=f"still draining after {draining_for:.0f}s; terminating")
+        if node.state in (N.PROVISIONING, N.BOOTING, N.READY):
             why = ""
             started = node.launched_at or node.created_at
             if inst is None:

@@ -174,8 +174,13 @@ CUMULUS_SWEEP_INTERVAL_S = env.float("CUMULUS_SWEEP_INTERVAL_S", default=10.0)
 CUMULUS_RECONCILE_LEASE_S = env.float("CUMULUS_RECONCILE_LEASE_S", default=30.0)
 CUMULUS_HEARTBEAT_INTERVAL_S = env.float("CUMULUS_HEARTBEAT_INTERVAL_S", default=5.0)
 CUMULUS_HEARTBEAT_FAST_INTERVAL_S = env.float("CUMULUS_HEARTBEAT_FAST_INTERVAL_S", default=0.5)
+# The head's interval once the cluster runs: its heartbeat carries the Ray load, which the
+# GCS refreshes once a second, so faster gains nothing. New demand is sent at once anyway.
+CUMULUS_HEAD_HEARTBEAT_INTERVAL_S = env.float("CUMULUS_HEAD_HEARTBEAT_INTERVAL_S", default=1.0)
 CUMULUS_NODE_LOST_AFTER_S = env.float("CUMULUS_NODE_LOST_AFTER_S", default=30.0)
 CUMULUS_NODE_BOOT_TIMEOUT_S = env.float("CUMULUS_NODE_BOOT_TIMEOUT_S", default=300.0)
+# A node asked to drain (scale-down) is terminated after this long even if Ray has not let it go.
+CUMULUS_DRAIN_TIMEOUT_S = env.float("CUMULUS_DRAIN_TIMEOUT_S", default=120.0)
 CUMULUS_ORPHAN_GRACE_S = env.float("CUMULUS_ORPHAN_GRACE_S", default=60.0)
 CUMULUS_MAX_WORKERS_PER_GROUP = env.int("CUMULUS_MAX_WORKERS_PER_GROUP", default=100)
 CUMULUS_ENABLED_PROVIDERS = env.list("CUMULUS_ENABLED_PROVIDERS", default=["local"])
