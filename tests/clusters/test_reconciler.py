@@ -409,3 +409,103 @@ def test_a_stopping_cluster_tells_its_nodes_to_stop(fake_provider: FakeProvider)
     services.cluster_delete(cluster=cluster, actor=Actor.system())
     reconcile_cluster(cluster.pk)
     assert agent.beat("ready")["commands"] == [{"type": "stop", "reason": "node is terminated"}]
+
+
+# --- silence and scale-down -------------------------------------------------------------
+
+
+def _running_cluster(fake_provider: FakeProvider, workers: int = 1) -> Cluster:
+    cluster = ClusterFactory(groups=[{"name": "cpu", "min_workers": workers, "max_workers": 3}])
+    reconcile_cluster(cluster.pk)
+    bring_up(cluster)
+    reconcile_cluster(cluster.pk)
+    cluster.refresh_from_db()
+    assert cluster.status == C.RUNNING
+    return cluster
+
+
+def _age_heartbeats(nodes: list[Node], seconds: float) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    Node.objects.filter(pk__in=[n.pk for n in nodes]).update(
+        last_heartbeat_at=timezone.now() - timedelta(seconds=seconds))
+
+
+@pytest.mark.django_db
+def test_a_silent_node_is_lost_and_replaced_while_others_still_heartbeat(fake_provider: FakeProvider, settings):
+    # given a running cluster whose worker stopped heartbeating long ago, while its head still does
+    settings.CUMULUS_NODE_LOST_AFTER_S = 30
+    cluster = _running_cluster(fake_provider)
+    worker = live_nodes(cluster, NodeRole.WORKER)[0]
+    _age_heartbeats([worker], 120)
+    # when the reconciler looks
+    reconcile_cluster(cluster.pk)
+    # then the silent worker is LOST, its machine terminated, and a replacement launched
+    worker.refresh_from_db()
+    assert worker.state == N.TERMINATED
+    assert ClusterEvent.objects.filter(cluster=cluster, kind=EventKind.NODE_LOST,
+                                       message__contains="no heartbeat for").exists()
+    assert [n.name for n in live_nodes(cluster, NodeRole.WORKER)] == ["cpu-2"]
+
+
+@pytest.mark.django_db
+def test_when_no_node_anywhere_reaches_us_nobody_is_declared_lost(fake_provider: FakeProvider, settings):
+    # given a running cluster, and a control-plane outage: no heartbeat from anyone for minutes
+    settings.CUMULUS_NODE_LOST_AFTER_S = 30
+    cluster = _running_cluster(fake_provider)
+    nodes = live_nodes(cluster)
+    _age_heartbeats(nodes, 300)
+    # when the reconciler looks (the machines are all still there)
+    reconcile_cluster(cluster.pk)
+    # then the silence is blamed on us, not on the nodes: nothing is lost or replaced
+    assert [(n.name, n.state) for n in live_nodes(cluster)] == [(n.name, N.READY) for n in nodes]
+    assert not ClusterEvent.objects.filter(cluster=cluster, kind=EventKind.NODE_LOST).exists()
+
+
+@pytest.mark.django_db
+def test_a_drained_node_is_terminated_and_not_replaced(fake_provider: FakeProvider):
+    from clusters.transitions import node_transition
+
+    # given a running cluster whose autoscaler lowered the target and asked a worker to drain
+    cluster = _running_cluster(fake_provider, workers=1)
+    group = cluster.groups.get()
+    group.min_workers = group.target_workers = 0
+    group.save()
+    worker = live_nodes(cluster, NodeRole.WORKER)[0]
+    node_transition(node=worker, to=N.DRAINING, reason="idle 6s > 5s")
+    # when its agent reports it has let go of Ray, and the reconciler runs
+    Node.objects.filter(pk=worker.pk).update(agent_state="stopping")
+    reconcile_cluster(cluster.pk)
+    # then its machine is terminated and nothing replaces it
+    worker.refresh_from_db()
+    assert worker.state == N.TERMINATED
+    assert worker.state_reason == "machine terminated"
+    assert live_nodes(cluster, NodeRole.WORKER) == []
+    assert fake_provider.list_nodes(str(cluster.uid))[0].node_key == str(live_nodes(cluster, NodeRole.HEAD)[0].key)
+
+
+@pytest.mark.django_db
+def test_a_drain_that_never_finishes_is_cut_short(fake_provider: FakeProvider, settings):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from clusters.transitions import node_transition
+
+    settings.CUMULUS_DRAIN_TIMEOUT_S = 60
+    cluster = _running_cluster(fake_provider, workers=1)
+    group = cluster.groups.get()
+    group.min_workers = group.target_workers = 0
+    group.save()
+    worker = live_nodes(cluster, NodeRole.WORKER)[0]
+    node_transition(node=worker, to=N.DRAINING, reason="idle")
+    Node.objects.filter(pk=worker.pk).update(state_changed_at=timezone.now() - timedelta(seconds=61))
+
+    reconcile_cluster(cluster.pk)
+
+    worker.refresh_from_db()
+    assert worker.state == N.TERMINATED
+    assert ClusterEvent.objects.filter(cluster=cluster, node=worker,
+                                       message__contains="still draining after").exists()
