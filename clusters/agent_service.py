@@ -7,15 +7,17 @@ commands the node should obey (join the head, stop, drain).
 
 from __future__ import annotations
 
+import logging
 import secrets
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from clusters.choices import LIVE_NODE_STATES, EventLevel, NodeRole
 from clusters.choices import ClusterStatus as C
-from clusters.choices import EventLevel, NodeRole
 from clusters.choices import NodeState as N
 from clusters.models import Cluster, Node
 from clusters.providers.catalog import find_instance_type
@@ -24,7 +26,10 @@ from clusters.services import request_reconcile
 from clusters.transitions import node_transition
 from controlplane.models import hash_token
 
+logger = logging.getLogger(__name__)
+
 NODE_TOKEN_PREFIX = "cun_"
+DRAIN_REJECTED = "drain rejected"  # how an agent says Ray refused to let its node go
 AGENT_STATES = ("waiting_for_head", "starting_ray", "ready", "failed", "stopping")
 
 
@@ -41,7 +46,30 @@ class HeartbeatReply:
 def _interval(cluster: Cluster, node: Node) -> float:
     if node.state != N.READY or cluster.status != C.RUNNING:
         return settings.CUMULUS_HEARTBEAT_FAST_INTERVAL_S
+    if node.role == NodeRole.HEAD:
+        return settings.CUMULUS_HEAD_HEARTBEAT_INTERVAL_S  # it carries the Ray load
     return settings.CUMULUS_HEARTBEAT_INTERVAL_S
+
+
+def store_ray_load(cluster: Cluster, load: dict, now: datetime) -> None:
+    """Keep the head's load report on the cluster, and each Ray node's idle time and free resources on its Node.
+
+    Nodes are matched by `Node.ray_node_id`; a live node the report does not mention
+    (not joined yet, or gone from Ray) has its Ray figures cleared.
+    """
+    Cluster.objects.filter(pk=cluster.pk).update(ray_load=load, ray_load_at=now)
+    cluster.ray_load, cluster.ray_load_at = load, now
+    by_ray_id = {n["node_id"]: n for n in load["nodes"]}
+    changed = []
+    for row in cluster.nodes.filter(state__in=LIVE_NODE_STATES).only("id", "ray_node_id", "ray_idle_ms",
+                                                                     "ray_available"):
+        reported = by_ray_id.get(row.ray_node_id) if row.ray_node_id else None
+        idle_ms, available = (reported["idle_ms"], reported["available"]) if reported else (None, None)
+        if (row.ray_idle_ms, row.ray_available) != (idle_ms, available):
+            row.ray_idle_ms, row.ray_available = idle_ms, available
+            changed.append(row)
+    if changed:
+        Node.objects.bulk_update(changed, ["ray_idle_ms", "ray_available"])
 
 
 def ray_params(cluster: Cluster, node: Node) -> dict:
@@ -81,6 +109,15 @@ def node_for_token(raw: str) -> Node | None:
     return Node.objects.select_related("cluster").filter(node_token_hash=hash_token(raw)).first()
 
 
+def autoscale_after_heartbeat(cluster_id: int) -> None:
+    from clusters.autoscaling import autoscale_cluster
+
+    try:
+        autoscale_cluster(cluster_id)
+    except Exception:  # the periodic tick decides again; the node's heartbeat must not fail for it
+        logger.exception("autoscale.heartbeat_failed", extra={"cluster_id": cluster_id})
+
+
 def node_heartbeat(*, node: Node, state: str, message: str, ray: dict) -> HeartbeatReply:
     """Record one heartbeat and answer with commands."""
     now = timezone.now()
@@ -112,8 +149,11 @@ def node_heartbeat(*, node: Node, state: str, message: str, ray: dict) -> Heartb
             node_transition(node=node, to=N.LOST, reason=f"agent reported failure: {message}"[:500],
                             level=EventLevel.ERROR)
             changed = True
-        elif state == "stopping" and node.state in (N.READY, N.BOOTING, N.PROVISIONING):
-            changed = True  # the node is leaving on its own; the reconciler will notice the machine go
+        elif state == "stopping" and node.state in (N.READY, N.BOOTING, N.PROVISIONING, N.DRAINING):
+            changed = True  # leaving (drained, or on its own): the reconciler terminates the machine
+        elif state == "ready" and node.state == N.DRAINING and message.startswith(DRAIN_REJECTED):
+            # Ray refused to let the node go (work arrived): it stays in service.
+            node_transition(node=node, to=N.READY, reason=message)
 
         if node.role == NodeRole.HEAD and node.state == N.READY:
             head_fields: dict = {"ray_reported_at": now}
@@ -127,6 +167,10 @@ def node_heartbeat(*, node: Node, state: str, message: str, ray: dict) -> Heartb
             Cluster.objects.filter(pk=cluster.pk).update(**head_fields)
             for name, value in head_fields.items():
                 setattr(cluster, name, value)
+            if ray.get("load") is not None:  # only the head's report is the cluster's load
+                store_ray_load(cluster, ray["load"], now)
+                # The autoscaler's fast path: decide on this load as soon as it is committed.
+                transaction.on_commit(lambda: autoscale_after_heartbeat(cluster.pk))
 
         if node.role == NodeRole.WORKER and node.state in (N.PROVISIONING, N.BOOTING) and state == "waiting_for_head":
             head = cluster.nodes.filter(role=NodeRole.HEAD, state=N.READY).first()

@@ -66,3 +66,5 @@ class EventKind(models.TextChoices):
     NODE_REPLACED = "node.replaced"
     ORPHAN_TERMINATED = "orphan.terminated"
     PROVIDER_ERROR = "provider.error"
+    AUTOSCALER = "autoscaler"  # a scaling decision and why: "cpu: 0 → 3 for 3 pending {CPU: 1}"
+    INFEASIBLE = "autoscaler.infeasible"  # demand no node type can ever hold

@@ -34,6 +34,12 @@ class Cluster(WorkspaceOwned):
     # Ray node ids (hex) the head last reported alive, and when.
     ray_alive_node_ids = models.JSONField(default=list, blank=True)
     ray_reported_at = models.DateTimeField(null=True, blank=True)
+    # The Ray cluster's load as the head last reported it (runtime_agent/load.py has the
+    # shape: nodes, pending, gangs, constraints, collected_at), and when it arrived.
+    ray_load = models.JSONField(null=True, blank=True)
+    ray_load_at = models.DateTimeField(null=True, blank=True)
+    # What the autoscaler last reported as infeasible or capped, so each is an event once, not every second.
+    autoscaler_notes = models.JSONField(default=dict, blank=True)
 
     # Reconciler bookkeeping: a lease instead of a long transaction, and a generation
     # counter so that a trigger arriving mid-run makes the holder run once more.
@@ -110,6 +116,11 @@ class Node(models.Model):
     private_ip = models.CharField(max_length=64, blank=True)
     public_ip = models.CharField(max_length=64, blank=True)
     ray_node_id = models.CharField(max_length=64, blank=True)
+    # From the head's last load report: how long Ray has seen this node idle (0 while busy)
+    # and its available resources. Null until the head reports the node.
+    ray_idle_ms = models.BigIntegerField(null=True, blank=True)
+    scale_note = models.CharField(max_length=300, blank=True)  # the autoscaler's latest word on this node
+    ray_available = models.JSONField(null=True, blank=True)
 
     bootstrap_token_used_at = models.DateTimeField(null=True, blank=True)
     node_token_hash = models.CharField(max_length=64, blank=True, db_index=True)

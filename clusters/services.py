@@ -128,8 +128,8 @@ def cluster_start(*, cluster: Cluster, actor: Actor) -> Cluster:
 
 
 @transaction.atomic
-def cluster_stop(*, cluster: Cluster, actor: Actor) -> Cluster:
-    return _verb(cluster, ClusterStatus.STOPPING, "stop", actor, "stopped by " + _who(actor))
+def cluster_stop(*, cluster: Cluster, actor: Actor, reason: str = "") -> Cluster:
+    return _verb(cluster, ClusterStatus.STOPPING, "stop", actor, reason or "stopped by " + _who(actor))
 
 
 @transaction.atomic

@@ -24,8 +24,12 @@ SWEEP_BATCH = 100
     max_retries=8,
 )
 def reconcile_cluster(cluster_id: int) -> None:
+    from clusters.autoscaling import autoscale_cluster
     from clusters.reconciler import reconcile_cluster as reconcile
 
+    # The periodic tick of the autoscaler: heartbeats decide at once, this catches the rest
+    # (idle timeouts while load reports are steady, auto-stop).
+    autoscale_cluster(cluster_id)
     reconcile(cluster_id)
 
 

@@ -10,8 +10,17 @@ States reported to the control plane::
 One thread runs the loop (heartbeats, commands, watching the Ray child); a second one
 polls the GCS every 50 ms while Ray starts, so that "ready" is reported the moment it is
 true. Heartbeats go out at once on every state change and otherwise every
-`heartbeat_interval_s` of the latest response. When the control plane is unreachable the
-agent backs off (jittered, capped at 5 s) and keeps Ray running; it never drops its identity.
+`heartbeat_interval_s` of the latest response.
+
+When the control plane is unreachable the agent backs off (jittered, capped at 5 s) and
+keeps Ray running; it never drops its identity.
+
+The head's heartbeat carries the Ray cluster's load (runtime_agent/load.py). Every
+`LOAD_CHECK_S` the head also looks at what is waiting (one sub-millisecond GCS call) and
+heartbeats at once when a pending shape or placement group appears that was neither
+waiting at the previous check nor in the last heartbeat: the autoscaler's fast path, which
+does not wait for the interval. It covers "nothing waited, now something does", and each
+new demand wakes the loop once, so it adds at most about one heartbeat per GCS refresh (1 s).
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from typing import Any
 
 from runtime_agent.client import AgentClient, Backoff, ProtocolError, Unauthorized, Unreachable
 from runtime_agent.identity import AgentConfig, Identity, load_identity, save_identity
+from runtime_agent.load import LoadReader, demand_signature, load_signature
 from runtime_agent.ports import PortReservation, RayPorts
 from runtime_agent.ray_node import GcsProbe, RayProcess, RaySpec, build_start_command, build_start_env, node_pids
 
@@ -42,6 +52,8 @@ UNAUTHORIZED_RETRY_S = 15.0
 READY_POLL_S = 0.05
 LOOP_TICK_S = 0.1  # how often the loop checks the Ray child
 START_ATTEMPTS = 2  # a port clash with another node makes `ray start` fail early: retry once
+LOAD_CHECK_S = 0.25  # the head's check for new pending demand (the GCS refreshes it once a second)
+LOAD_ERROR_PAUSE_S = 2.0  # after a failed check, before the next one
 
 
 def detect_address(control_plane_url: str) -> str:
@@ -89,6 +101,10 @@ class Agent:
         self.dashboard_url: str | None = None
         self._probe: GcsProbe | None = None
         self._start_attempts = 0
+        self._load_reader: LoadReader | None = None
+        self._demand_checked: frozenset = frozenset()  # what was waiting at the last check
+        self._demand_sent: frozenset = frozenset()  # what was waiting in the last heartbeat's load
+        self._next_load_check = 0.0
 
     # -- state --------------------------------------------------------------------------
 
@@ -242,17 +258,65 @@ class Agent:
         self._send_final_heartbeat(tries=3)
         return EXIT_FAILED
 
+    # -- load (head only) -----------------------------------------------------------------
+
+    def _head_ready(self) -> bool:
+        return self.spec is not None and self.spec.role == "head" and self._state == "ready" and self._probe is not None
+
+    def _reader(self) -> LoadReader | None:
+        if self._load_reader is None and self._probe is not None:
+            self._load_reader = LoadReader(self._probe.client)
+        return self._load_reader
+
+    def read_load(self) -> dict[str, Any] | None:
+        """The Ray cluster's load for the heartbeat; None when the GCS does not answer."""
+        reader = self._reader()
+        if reader is None:
+            return None
+        try:
+            load = reader.read()
+        except Exception as exc:  # a slow GCS must not block the heartbeat
+            logger.warning("agent.heartbeat.load_failed error=%s", exc)
+            return None
+        self._demand_sent = load_signature(load)
+        return load
+
+    def check_new_demand(self) -> bool:
+        """True when something waits that was neither waiting at the last check nor in the last heartbeat."""
+        reader = self._reader()
+        if reader is None:
+            return False
+        try:
+            current = demand_signature(reader.state())
+        except Exception as exc:
+            logger.debug("agent.load.check_failed error=%s", exc)
+            self._next_load_check = time.monotonic() + LOAD_ERROR_PAUSE_S
+            return False
+        new = current - self._demand_checked - self._demand_sent
+        self._demand_checked = current
+        return bool(new)
+
+    def _maybe_fast_heartbeat(self, now: float) -> None:
+        if now < self._next_load_check or not self._head_ready():
+            return
+        self._next_load_check = now + LOAD_CHECK_S
+        if self.check_new_demand():
+            logger.info("agent.load.new_demand heartbeat=now")
+            self._wake.set()
+
     # -- heartbeats -----------------------------------------------------------------------
 
     def heartbeat_body(self) -> dict[str, Any]:
         with self._lock:
             state, message = self._state, self._message
         alive: list[str] = []
+        load: dict[str, Any] | None = None
         if self.spec is not None and self.spec.role == "head" and state == "ready" and self._probe is not None:
             try:
                 alive = [str(n["node_id"]) for n in self._probe.alive_nodes(timeout_s=1.0)]
             except Exception as exc:  # a slow GCS must not block the heartbeat
                 logger.warning("agent.heartbeat.alive_nodes_failed error=%s", exc)
+            load = self.read_load()
         ready = state == "ready"
         return {
             "state": state,
@@ -262,15 +326,22 @@ class Agent:
                 "gcs_address": self.gcs_address if ready else None,
                 "dashboard_url": self.dashboard_url if ready else None,
                 "alive_node_ids": alive,
-                "load": None,
+                "load": load,
             },
         }
 
     def send_heartbeat(self, timeout_s: float | None = None) -> dict[str, Any]:
         assert self.identity is not None
-        return self.client.heartbeat(
-            self.identity.node_id, self.identity.node_token, self.heartbeat_body(), timeout_s=timeout_s,
-        )
+        body = self.heartbeat_body()
+        try:
+            return self.client.heartbeat(self.identity.node_id, self.identity.node_token, body, timeout_s=timeout_s)
+        except ProtocolError as exc:
+            if body["ray"]["load"] is None:
+                raise
+            # A load the control plane refuses must not cost the node its liveness: resend without it.
+            logger.error("agent.heartbeat.load_refused error=%s", exc)
+            body["ray"]["load"] = None
+            return self.client.heartbeat(self.identity.node_id, self.identity.node_token, body, timeout_s=timeout_s)
 
     def handle_response(self, response: dict[str, Any]) -> None:
         interval = response.get("heartbeat_interval_s")
@@ -281,11 +352,38 @@ class Agent:
             logger.info("agent.command type=%s", kind)
             if kind == "join":
                 self._on_join(str(command.get("gcs_address") or ""))
-            elif kind in ("stop", "drain"):
-                # TODO(drain): use Ray's DrainNode for "drain" (a later issue); for now it is a stop.
-                self.request_stop(f"{kind}: {command.get('reason', '')}", command=True)
+            elif kind == "stop":
+                self.request_stop(f"stop: {command.get('reason', '')}", command=True)
+            elif kind == "drain":
+                self.drain(str(command.get("reason", "")))
             else:
                 logger.warning("agent.command.unknown command=%s", command)
+
+    def drain(self, reason: str) -> None:
+        """Scale-down: ask Ray to let this node go, then stop. Ray may refuse while the node still
+        holds work (a rejectable DrainNode, as Ray's own autoscaler v2 uses); then the node stays
+        and says so, and the control plane puts it back in service."""
+        if self._stop_reason is not None:
+            return
+        if self._probe is None or not self.ray_node_id:
+            self.request_stop(f"drain: {reason}", command=True)  # not in Ray (yet): nothing to hand back
+            return
+        try:
+            from ray.core.generated import autoscaler_pb2
+
+            accepted, rejection = self._probe.client.drain_node(
+                self.ray_node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_IDLE_TERMINATION"),
+                reason or "idle", 0,
+            )
+        except Exception as exc:  # the GCS is unreachable: the head is gone, so is the work
+            logger.warning("agent.drain.failed error=%s", exc)
+            accepted, rejection = True, ""
+        if accepted:
+            logger.info("agent.drain.accepted reason=%s", reason)
+            self.request_stop(f"drain: {reason}", command=True)
+        else:
+            logger.info("agent.drain.rejected reason=%s", rejection)
+            self.set_state("ready", f"drain rejected: {rejection}")
 
     def _on_join(self, gcs_address: str) -> None:
         if self.spec is None or self.spec.role != "worker":
@@ -329,6 +427,7 @@ class Agent:
             if exit_code is not None:
                 return exit_code
             now = time.monotonic()
+            self._maybe_fast_heartbeat(now)
             if self._wake.is_set() or now >= next_beat:
                 self._wake.clear()
                 if self._stop_reason is not None:

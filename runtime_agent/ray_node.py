@@ -245,6 +245,11 @@ class GcsProbe:
         self.gcs_address = gcs_address
         self._client = GcsClient(address=gcs_address)
 
+    @property
+    def client(self) -> Any:
+        """The `ray._raylet.GcsClient`, for other readers that should reuse the connection."""
+        return self._client
+
     def alive_nodes(self, timeout_s: float = 2.0) -> list[dict[str, Any]]:
         """Every ALIVE node as {node_id, ip, node_manager_port}."""
         from ray.core.generated import gcs_pb2

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 from drf_spectacular.utils import extend_schema
 from rest_framework import exceptions, serializers
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
@@ -13,8 +16,9 @@ from rest_framework.views import APIView
 
 from clusters import agent_service
 from clusters.reconciler import node_for_bootstrap_token
-from controlplane.api.fields import StrictCharField, StrictIntegerField, StrictSerializer
+from controlplane.api.fields import StrictCharField, StrictFloatField, StrictIntegerField, StrictSerializer
 from controlplane.api.schema import errors
+from runtime_agent import load as limits
 
 
 class NodeTokenAuthentication(BaseAuthentication):
@@ -69,13 +73,94 @@ class RegisterOutput(serializers.Serializer):
     heartbeat_interval_s = serializers.FloatField()
 
 
+class ResourceMap(serializers.DictField):
+    """{resource name: amount}: names of 1-128 characters, finite amounts >= 0 (memory in bytes)."""
+
+    child = StrictFloatField(min_value=0, max_value=limits.MAX_RESOURCE_VALUE)
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.allow_empty_map = kwargs.pop("allow_empty", True)
+        super().__init__(**kwargs)
+
+    def to_internal_value(self, data: Any) -> dict[str, float]:
+        if not isinstance(data, dict):
+            self.fail("not_a_dict", input_type=type(data).__name__)
+        if len(data) > limits.MAX_RESOURCES:
+            raise serializers.ValidationError(f"At most {limits.MAX_RESOURCES} resources.")
+        if not data and not self.allow_empty_map:
+            raise serializers.ValidationError("Must name at least one resource.")
+        for key, value in data.items():
+            if not 0 < len(key) <= limits.MAX_KEY_LEN:
+                raise serializers.ValidationError(f"Resource names have 1 to {limits.MAX_KEY_LEN} characters.")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise serializers.ValidationError({key: ["Must be a finite number."]})
+        return super().to_internal_value(data)
+
+
+class LabelMap(serializers.DictField):
+    child = StrictCharField(max_length=limits.MAX_LABEL_VALUE_LEN, allow_blank=True)
+
+    def to_internal_value(self, data: Any) -> dict[str, str]:
+        if not isinstance(data, dict):
+            self.fail("not_a_dict", input_type=type(data).__name__)
+        if len(data) > limits.MAX_LABELS:
+            raise serializers.ValidationError(f"At most {limits.MAX_LABELS} labels.")
+        if any(not 0 < len(key) <= limits.MAX_KEY_LEN for key in data):
+            raise serializers.ValidationError(f"Label keys have 1 to {limits.MAX_KEY_LEN} characters.")
+        return super().to_internal_value(data)
+
+
+class RayNodeLoad(StrictSerializer):
+    node_id = serializers.RegexField(r"^[0-9a-f]{1,64}$", max_length=64)
+    status = serializers.ChoiceField(choices=limits.NODE_STATUSES)
+    total = ResourceMap()
+    available = ResourceMap()
+    idle_ms = StrictIntegerField(min_value=0, max_value=2**62)
+    labels = LabelMap()
+
+
+class RayDemand(StrictSerializer):
+    shape = ResourceMap(allow_empty=False)
+    count = StrictIntegerField(min_value=1, max_value=limits.MAX_COUNT)
+
+
+class RayGang(StrictSerializer):
+    id = StrictCharField(max_length=limits.MAX_KEY_LEN, allow_blank=True)
+    strategy = serializers.ChoiceField(choices=limits.STRATEGIES)
+    bundles = serializers.ListField(child=ResourceMap(allow_empty=False), min_length=1,
+                                    max_length=limits.MAX_BUNDLES_PER_GANG)
+
+
+class RayLoad(StrictSerializer):
+    """The Ray cluster's load, as the head's agent reads it from the GCS (runtime_agent/load.py)."""
+
+    nodes = serializers.ListField(child=RayNodeLoad(), max_length=limits.MAX_NODES)
+    pending = serializers.ListField(child=RayDemand(), max_length=limits.MAX_SHAPES,
+                                    help_text="Waiting tasks and actors by shape.")
+    gangs = serializers.ListField(child=RayGang(), max_length=limits.MAX_GANGS,
+                                  help_text="Pending placement groups.")
+    constraints = serializers.ListField(child=RayDemand(), max_length=limits.MAX_SHAPES,
+                                        help_text="request_resources() minimums.")
+    collected_at = StrictFloatField(min_value=0, help_text="Unix time the agent read the GCS.")
+
+    def validate_gangs(self, gangs: list[dict]) -> list[dict]:
+        if sum(len(g["bundles"]) for g in gangs) > limits.MAX_BUNDLES_TOTAL:
+            raise serializers.ValidationError(f"At most {limits.MAX_BUNDLES_TOTAL} bundles in all.")
+        return gangs
+
+    def validate_collected_at(self, value: float) -> float:
+        if not math.isfinite(value):
+            raise serializers.ValidationError("Must be a finite number.")
+        return value
+
+
 class RayReport(StrictSerializer):
     node_id = StrictCharField(max_length=64, required=False, allow_null=True, allow_blank=True, default=None)
     gcs_address = StrictCharField(max_length=100, required=False, allow_null=True, allow_blank=True, default=None)
     dashboard_url = StrictCharField(max_length=300, required=False, allow_null=True, allow_blank=True, default=None)
     alive_node_ids = serializers.ListField(child=StrictCharField(max_length=64), required=False, allow_null=True,
                                            max_length=10000, default=None)
-    load = serializers.JSONField(required=False, allow_null=True, default=None)
+    load = RayLoad(required=False, allow_null=True, default=None)
 
 
 class HeartbeatInput(StrictSerializer):

@@ -78,13 +78,16 @@ class NodeSerializer(serializers.ModelSerializer):
     id = serializers.UUIDField(source="key", read_only=True)
     group = serializers.CharField(source="group_name", read_only=True)
     uptime_seconds = serializers.SerializerMethodField()
+    idle_seconds = serializers.SerializerMethodField(
+        help_text="How long Ray has seen this node idle (no tasks, actors or held objects), as of the head's "
+                  "last load report; 0 while busy; null when unknown or the node is not up.")
 
     class Meta:
         model = Node
         fields = [
             "id", "name", "role", "group", "instance_type", "market", "state", "state_reason", "state_changed_at",
             "instance_id", "private_ip", "public_ip", "ray_node_id", "last_heartbeat_at", "created_at",
-            "launched_at", "ready_at", "terminated_at", "uptime_seconds",
+            "launched_at", "ready_at", "terminated_at", "uptime_seconds", "idle_seconds", "scale_note",
         ]
         read_only_fields = fields
 
@@ -92,6 +95,11 @@ class NodeSerializer(serializers.ModelSerializer):
         if obj.launched_at is None:
             return None
         return round(((obj.terminated_at or timezone.now()) - obj.launched_at).total_seconds(), 1)
+
+    def get_idle_seconds(self, obj: Node) -> float | None:
+        if obj.ray_idle_ms is None or obj.state not in (NodeState.READY, NodeState.DRAINING):
+            return None
+        return round(obj.ray_idle_ms / 1000, 1)
 
 
 class ClusterEventSerializer(serializers.ModelSerializer):
