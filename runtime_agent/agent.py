@@ -26,6 +26,7 @@ new demand wakes the loop once, so it adds at most about one heartbeat per GCS r
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib.metadata
 import logging
 import os
@@ -76,6 +77,41 @@ def ray_version() -> str:
         return "unknown"
 
 
+class BootLock:
+    """A host-wide, non-blocking file lock (fcntl): released by the kernel if the agent dies."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self._since = 0.0
+        self._mutex = threading.Lock()
+
+    def acquire(self) -> bool:
+        if self.path is None:
+            return True
+        with self._mutex:
+            if self._fd is not None:
+                return True
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                return False
+            self._fd, self._since = fd, time.monotonic()
+            return True
+
+    def held_for(self) -> float:
+        return time.monotonic() - self._since if self._fd is not None else 0.0
+
+    def release(self) -> None:
+        with self._mutex:
+            if self._fd is not None:
+                os.close(self._fd)  # closing the descriptor drops the lock
+                self._fd = None
+
+
 class Agent:
     """One node's agent. `run()` returns the process exit code."""
 
@@ -101,6 +137,8 @@ class Agent:
         self.dashboard_url: str | None = None
         self._probe: GcsProbe | None = None
         self._start_attempts = 0
+        self._pending_start: tuple[str | None] | None = None
+        self._boot_lock = BootLock(config.boot_lock)
         self._load_reader: LoadReader | None = None
         self._demand_checked: frozenset = frozenset()  # what was waiting at the last check
         self._demand_sent: frozenset = frozenset()  # what was waiting in the last heartbeat's load
@@ -191,6 +229,22 @@ class Agent:
     # -- Ray ------------------------------------------------------------------------------
 
     def start_ray(self, gcs_address: str | None) -> None:
+        """Start Ray now, or as soon as this host's boot lock is free (see AgentConfig.boot_lock)."""
+        self._pending_start = (gcs_address,)
+        self._try_pending_start()
+
+    def _try_pending_start(self) -> None:
+        if self._pending_start is None:
+            return
+        if self.config.boot_lock and not self._boot_lock.acquire():
+            if self._state != "starting_ray":
+                self.set_state("starting_ray", "waiting for another node on this host to finish booting")
+            return
+        (gcs_address,) = self._pending_start
+        self._pending_start = None
+        self._launch_ray(gcs_address)
+
+    def _launch_ray(self, gcs_address: str | None) -> None:
         """Reserve ports, launch `ray start --block`, and poll the GCS for readiness in the background."""
         assert self.spec is not None
         self._start_attempts += 1
@@ -231,9 +285,13 @@ class Agent:
                 node_id = None
             if node_id and ray is self.ray:
                 self.ray_node_id = node_id
+                self._boot_lock.release()
                 self.set_state("ready", "")
                 return
+            if self._boot_lock.held_for() > self.config.boot_lock_max_hold_s:
+                self._boot_lock.release()  # a slow boot must not hold up every other node for ever
             time.sleep(READY_POLL_S)
+        self._boot_lock.release()
         if ray.poll() is None and self._stop_reason is None and time.monotonic() >= deadline:
             logger.error("agent.ready.timeout")
             self.set_state("starting_ray", f"not ALIVE in the GCS after {self.config.ready_timeout_s:.0f} s")
@@ -426,6 +484,7 @@ class Agent:
             exit_code = self._check_ray_exit()
             if exit_code is not None:
                 return exit_code
+            self._try_pending_start()
             now = time.monotonic()
             self._maybe_fast_heartbeat(now)
             if self._wake.is_set() or now >= next_beat:

@@ -30,6 +30,11 @@ class AgentConfig:
     waiting_poll_s: float = 0.5  # heartbeat period while a worker waits for its join command
     stop_grace_s: float = 10.0
     ready_timeout_s: float = 180.0
+    # Set by providers that put several nodes on one host (`local`): Ray's start-up is CPU-bound,
+    # so nodes of a host boot one at a time, each holding this lock until it is ALIVE in the GCS.
+    # Parallel boots on a small host only make every node, including the first, late.
+    boot_lock: str | None = None
+    boot_lock_max_hold_s: float = 30.0
 
     @classmethod
     def load(cls, path: str) -> AgentConfig:

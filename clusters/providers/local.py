@@ -203,6 +203,8 @@ class LocalProvider:
             "address": "127.0.0.1",
             "ray_temp_dir": ray_temp_dir(request.node_key),
             "dashboard_host": "127.0.0.1",
+            # Every node of this host shares the CPU: boot them one at a time (see AgentConfig.boot_lock).
+            "boot_lock": os.path.join(RAY_TEMP_ROOT, "boot.lock"),
         })
         os.chmod(os.path.join(node_dir, AGENT_CONFIG_FILE), 0o600)  # holds the bootstrap token
         _write_json_atomic(os.path.join(node_dir, INSTANCE_FILE), info)

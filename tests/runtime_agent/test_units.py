@@ -166,3 +166,16 @@ def test_join_and_stop_commands(tmp_path) -> None:
     assert agent.ray is None and agent.heartbeat_interval_s == 3.0  # a head never joins
     agent.handle_response({"commands": [{"type": "drain", "reason": "idle"}]})
     assert agent._stop_reason == "drain: idle" and agent._stop_is_command
+
+
+def test_boot_lock_lets_one_node_of_a_host_boot_at_a_time(tmp_path) -> None:
+    from runtime_agent.agent import BootLock
+
+    first, second = BootLock(str(tmp_path / "boot.lock")), BootLock(str(tmp_path / "boot.lock"))
+    assert first.acquire()
+    assert first.acquire()  # re-entrant for its holder
+    assert not second.acquire()
+    first.release()
+    assert second.acquire()
+    second.release()
+    assert BootLock(None).acquire()  # no lock configured: never waits
