@@ -58,7 +58,6 @@ class Plan:
     launches: list[Launch] = field(default_factory=list)
     terminations: list[tuple[int, str]] = field(default_factory=list)  # (node id, reason)
     status: str | None = None  # the status to reach, or None to stay
-    status_message: str = ""
 
 
 def healthy(cluster: ClusterView, nodes: list[NodeView]) -> bool:
