@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import secrets
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
@@ -62,14 +62,35 @@ def store_ray_load(cluster: Cluster, load: dict, now: datetime) -> None:
     by_ray_id = {n["node_id"]: n for n in load["nodes"]}
     changed = []
     for row in cluster.nodes.filter(state__in=LIVE_NODE_STATES).only("id", "ray_node_id", "ray_idle_ms",
-                                                                     "ray_available"):
+                                                                     "ray_available", "idle_since"):
         reported = by_ray_id.get(row.ray_node_id) if row.ray_node_id else None
         idle_ms, available = (reported["idle_ms"], reported["available"]) if reported else (None, None)
-        if (row.ray_idle_ms, row.ray_available) != (idle_ms, available):
-            row.ray_idle_ms, row.ray_available = idle_ms, available
+        idle_since = next_idle_since(row.idle_since, reported, now)
+        if (row.ray_idle_ms, row.ray_available, row.idle_since) != (idle_ms, available, idle_since):
+            row.ray_idle_ms, row.ray_available, row.idle_since = idle_ms, available, idle_since
             changed.append(row)
     if changed:
-        Node.objects.bulk_update(changed, ["ray_idle_ms", "ray_available"])
+        Node.objects.bulk_update(changed, ["ray_idle_ms", "ray_available", "idle_since"])
+
+
+# Resources whose use means work is running; memory figures move without tasks.
+_NOT_WORK = ("memory", "object_store_memory")
+
+
+def in_use(reported: dict) -> bool:
+    total, available = reported.get("total") or {}, reported.get("available") or {}
+    return any(amount - available.get(name, 0.0) > 1e-9 for name, amount in total.items() if name not in _NOT_WORK)
+
+
+def next_idle_since(idle_since: datetime | None, reported: dict | None, now: datetime) -> datetime | None:
+    """Our idle clock for one node, from one load report (see Node.idle_since)."""
+    if reported is None or reported.get("status") == "DEAD" or in_use(reported):
+        return None
+    idle_ms = reported.get("idle_ms") or 0
+    if idle_ms > 0:
+        ray_since = now - timedelta(milliseconds=idle_ms)
+        return min(idle_since, ray_since) if idle_since else ray_since
+    return idle_since  # nothing running, but Ray's timer restarted: keep counting
 
 
 def ray_params(cluster: Cluster, node: Node) -> dict:
@@ -153,7 +174,7 @@ def node_heartbeat(*, node: Node, state: str, message: str, ray: dict) -> Heartb
             changed = True  # leaving (drained, or on its own): the reconciler terminates the machine
         elif state == "ready" and node.state == N.DRAINING and message.startswith(DRAIN_REJECTED):
             # Ray refused to let the node go (work arrived): it stays in service.
-            node_transition(node=node, to=N.READY, reason=message)
+            node_transition(node=node, to=N.READY, reason=message, extra={"idle_since": None})
 
         if node.role == NodeRole.HEAD and node.state == N.READY:
             head_fields: dict = {"ray_reported_at": now}

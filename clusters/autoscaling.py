@@ -84,7 +84,7 @@ def _inputs(cluster: Cluster, nodes: list[Node], load: dict) -> dict:
             total=(seen or {}).get("total") or type_resources,
             available=(seen or {}).get("available") or type_resources,
             ray_node_id=n.ray_node_id or None,
-            idle_s=(seen["idle_ms"] / 1000) if seen and seen.get("idle_ms") is not None else None,
+            idle_s=_idle_s(n, seen, now),
             launched_at_s=(now - (n.launched_at or n.created_at)).total_seconds(),
             ready_for_s=(now - n.ready_at).total_seconds() if n.ready_at else None,
         ))
@@ -169,3 +169,12 @@ def _write(cluster: Cluster, nodes: list[Node], decision: policy.Decision) -> bo
 
 def _kind(reason: str) -> str:
     return re.sub(r"\d[\d.]*[a-z]*", "#", reason or "")
+
+
+def _idle_s(node: Node, seen: dict | None, now) -> float | None:
+    """Our continuous idle time when we have one (Node.idle_since), else what Ray reports."""
+    if node.idle_since is not None:
+        return (now - node.idle_since).total_seconds()
+    if seen is not None and seen.get("idle_ms") is not None:
+        return 0.0 if seen["idle_ms"] == 0 else seen["idle_ms"] / 1000
+    return None

@@ -119,6 +119,10 @@ class Node(models.Model):
     # From the head's last load report: how long Ray has seen this node idle (0 while busy)
     # and its available resources. Null until the head reports the node.
     ray_idle_ms = models.BigIntegerField(null=True, blank=True)
+    # Since when the node has been idle by our count: from Ray's first idle report, reset only
+    # when the node's resources are in use or Ray refuses to drain it. Ray's own idle timer
+    # also restarts on unrelated events (ray#60546), which would keep idle nodes for ever.
+    idle_since = models.DateTimeField(null=True, blank=True)
     scale_note = models.CharField(max_length=300, blank=True)  # the autoscaler's latest word on this node
     ray_available = models.JSONField(null=True, blank=True)
 

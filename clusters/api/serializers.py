@@ -79,8 +79,8 @@ class NodeSerializer(serializers.ModelSerializer):
     group = serializers.CharField(source="group_name", read_only=True)
     uptime_seconds = serializers.SerializerMethodField()
     idle_seconds = serializers.SerializerMethodField(
-        help_text="How long Ray has seen this node idle (no tasks, actors or held objects), as of the head's "
-                  "last load report; 0 while busy; null when unknown or the node is not up.")
+        help_text="How long this node has been idle (no tasks or actors running), counted from Ray's first idle "
+                  "report and used for scale-down; 0 while busy; null when unknown or the node is not up.")
 
     class Meta:
         model = Node
@@ -97,9 +97,11 @@ class NodeSerializer(serializers.ModelSerializer):
         return round(((obj.terminated_at or timezone.now()) - obj.launched_at).total_seconds(), 1)
 
     def get_idle_seconds(self, obj: Node) -> float | None:
-        if obj.ray_idle_ms is None or obj.state not in (NodeState.READY, NodeState.DRAINING):
+        if obj.state not in (NodeState.READY, NodeState.DRAINING):
             return None
-        return round(obj.ray_idle_ms / 1000, 1)
+        if obj.idle_since is not None:  # what the autoscaler goes by (see Node.idle_since)
+            return round((timezone.now() - obj.idle_since).total_seconds(), 1)
+        return None if obj.ray_idle_ms is None else round(obj.ray_idle_ms / 1000, 1)
 
 
 class ClusterEventSerializer(serializers.ModelSerializer):

@@ -154,3 +154,41 @@ def test_an_idle_cluster_auto_stops(fake_provider: FakeProvider) -> None:
     cluster = Cluster.objects.get(pk=c.cluster.pk)
     assert cluster.status == C.STOPPING
     assert "auto-stop after 1 min" in cluster.status_message
+
+
+def test_the_idle_clock_survives_rays_timer_restarting_but_not_work(fake_provider: FakeProvider) -> None:
+    from clusters.agent_service import next_idle_since
+
+    now = timezone.now()
+    idle = {"status": "IDLE", "total": ONE_CPU, "available": ONE_CPU, "idle_ms": 10_000}
+    since = next_idle_since(None, idle, now)
+    assert since == now - timedelta(seconds=10)
+    # Ray's idle timer restarts (ray#60546) while nothing runs: our clock keeps counting
+    restarted = {**idle, "status": "RUNNING", "idle_ms": 0}
+    assert next_idle_since(since, restarted, now + timedelta(seconds=5)) == since
+    assert next_idle_since(since, {**idle, "idle_ms": 1_000}, now + timedelta(seconds=6)) == since
+    # a task takes the CPU: the clock stops
+    busy = {**idle, "status": "RUNNING", "available": {"memory": ONE_CPU["memory"]}, "idle_ms": 0}
+    assert next_idle_since(since, busy, now + timedelta(seconds=7)) is None
+    # and a node Ray no longer reports has no clock
+    assert next_idle_since(since, None, now) is None
+
+
+def test_a_rejected_drain_restarts_the_idle_clock(fake_provider: FakeProvider) -> None:
+    c = Running(fake_provider, min_workers=0)
+    c.head_reports([ray_node(rid("head"), available={})], pending=[{"shape": {"CPU": 1.0}, "count": 1}])
+    c.reconcile()
+    (worker,) = c.workers()
+    Node.objects.filter(pk=worker.pk).update(ready_at=timezone.now() - timedelta(minutes=10))
+    c.head_reports([ray_node(rid("head")), ray_node(rid(worker.name), idle_ms=90_000)])
+    worker.refresh_from_db()
+    assert worker.state == N.DRAINING
+
+    response = c.agents[worker.name].client.post(f"/api/agent/v1/nodes/{worker.key}/heartbeat",
+                                                 {"state": "ready", "message": "drain rejected: holds objects"})
+    assert response.status_code == 200
+    # Ray still calls it idle for a moment, but the node is not asked to drain again at once
+    c.head_reports([ray_node(rid("head")), ray_node(rid(worker.name), idle_ms=1_000)])
+    worker.refresh_from_db()
+    assert worker.state == N.READY
+    assert worker.scale_note.startswith("kept: idle")
