@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import threading
@@ -13,10 +12,10 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import psutil
 import pytest
 
 from clusters.providers.local import LocalProvider, instance_id_for, node_processes
+from tests.providers.conftest import kill_node_trees
 
 
 @dataclass
@@ -135,10 +134,5 @@ def node_provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPro
     yield provider
     keys = [name for name in os.listdir(provider.nodes_dir) if os.path.isdir(os.path.join(provider.nodes_dir, name))]
     provider.terminate_nodes([instance_id_for(k) for k in keys])
-    for key in keys:
-        procs = node_processes(key)
-        for proc in procs:
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
-        psutil.wait_procs(procs, timeout=5)
+    kill_node_trees(keys)
     assert not any(node_processes(k) for k in keys)

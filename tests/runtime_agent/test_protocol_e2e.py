@@ -4,25 +4,15 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
 
 import pytest
 
 from clusters.providers import catalog
 from clusters.providers.base import Bootstrap, LaunchRequest
 from clusters.providers.local import LocalProvider, node_processes
+from tests.e2e.harness import wait_for
 
 pytestmark = pytest.mark.e2e
-
-
-def wait_for(predicate: Callable[[], object], timeout_s: float, what: str, poll_s: float = 0.05) -> object:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def launch(provider: LocalProvider, url: str, token: str, role: str) -> tuple[str, float]:
@@ -49,8 +39,8 @@ def test_head_and_worker_register_join_report_ready_and_stop(control_plane, node
         node = control_plane.node(token)
         return bool(node and node.last and node.last["state"] == "ready")
 
-    wait_for(lambda: ready(head_token), 90, "head ready")
-    wait_for(lambda: ready(worker_token), 90, "worker ready")
+    wait_for(lambda: ready(head_token), 90, what="head ready")
+    wait_for(lambda: ready(worker_token), 90, what="worker ready")
     head, worker = control_plane.node(head_token), control_plane.node(worker_token)
 
     # then: each reports its Ray identity, and the head sees the worker ALIVE
@@ -58,7 +48,7 @@ def test_head_and_worker_register_join_report_ready_and_stop(control_plane, node
     assert worker.last["ray"]["node_id"] and worker.last["ray"]["gcs_address"] == head.last["ray"]["gcs_address"]
     assert any(body["state"] == "waiting_for_head" for _, body in worker.heartbeats)
     wait_for(lambda: worker.last["ray"]["node_id"] in (head.last["ray"]["alive_node_ids"] or []), 10,
-             "worker in the head's alive_node_ids")
+             what="worker in the head's alive_node_ids")
     assert head.last["ray"]["node_id"] in head.last["ray"]["alive_node_ids"]
     head_ready, worker_ready = head.first_time_in("ready"), worker.first_time_in("ready")
     print(f"\nhead: launch -> ready {head_ready - head_launched:.2f} s "
@@ -71,7 +61,8 @@ def test_head_and_worker_register_join_report_ready_and_stop(control_plane, node
     control_plane.stop_node(head_token)
 
     # then: every process of both nodes is gone and each said "stopping" last
-    wait_for(lambda: not node_processes(worker_key) and not node_processes(head_key), 30, "all node processes gone")
+    wait_for(lambda: not node_processes(worker_key) and not node_processes(head_key), 30,
+             what="all node processes gone")
     assert worker.last["state"] == "stopping" and head.last["state"] == "stopping"
     assert node_provider.list_nodes() == []
 
@@ -85,7 +76,7 @@ def test_used_bootstrap_token_makes_the_agent_exit(control_plane, node_provider:
     key, _ = launch(node_provider, control_plane.url, token, "worker")
 
     # then: the agent gives up (nothing to become), and the node is not listed
-    wait_for(lambda: not node_processes(key), 20, "agent exit")
+    wait_for(lambda: not node_processes(key), 20, what="agent exit")
     assert node_provider.list_nodes() == []
 
 
@@ -93,7 +84,7 @@ def test_terminate_stops_a_running_ray_head_completely(control_plane, node_provi
     # given: a ready head
     token = control_plane.add_token("head")
     key, _ = launch(node_provider, control_plane.url, token, "head")
-    wait_for(lambda: (n := control_plane.node(token)) and n.last and n.last["state"] == "ready", 90, "head ready")
+    wait_for(lambda: (n := control_plane.node(token)) and n.last and n.last["state"] == "ready", 90, what="head ready")
     assert len(node_processes(key)) > 5  # agent, ray start, gcs, raylet, dashboard, ...
 
     # when: the provider terminates it (SIGTERM to the agent, which stops Ray)
