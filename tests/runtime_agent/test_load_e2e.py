@@ -12,8 +12,9 @@ import pytest
 
 from clusters.agent_api.views import RayLoad
 from clusters.providers.local import LocalProvider
+from tests.e2e.harness import wait_for
 from tests.runtime_agent.conftest import FakeControlPlane, FakeNode
-from tests.runtime_agent.test_protocol_e2e import launch, wait_for
+from tests.runtime_agent.test_protocol_e2e import launch
 
 pytestmark = pytest.mark.e2e
 
@@ -61,9 +62,9 @@ def test_the_heads_load_reports_pending_tasks_groups_and_idle_time(
     control_plane.heartbeat_interval_s = 30.0
     token = control_plane.add_token("head")
     launch(node_provider, control_plane.url, token, "head")
-    wait_for(lambda: (n := control_plane.node(token)) and n.last and n.last["state"] == "ready", 90, "head ready")
+    wait_for(lambda: (n := control_plane.node(token)) and n.last and n.last["state"] == "ready", 90, what="head ready")
     head = control_plane.node(token)
-    wait_for(lambda: head.last["ray"]["load"] is not None, 10, "a heartbeat with load")
+    wait_for(lambda: head.last["ray"]["load"] is not None, 10, what="a heartbeat with load")
     idle = head.last["ray"]["load"]
     assert idle["pending"] == [] and idle["gangs"] == [] and idle["constraints"] == []
     ray_id = head.last["ray"]["node_id"]
@@ -83,7 +84,7 @@ def test_the_heads_load_reports_pending_tasks_groups_and_idle_time(
 
         # then: a heartbeat carries all of it, long before the 30 s interval (GCS ~1 s + a 0.25 s check)
         found = wait_for(lambda: next(((t, ld) for t, ld in loads_since(head, submitted) if has_demand(ld)), None),
-                         15, "the demand in a heartbeat")
+                         15, interval=0.05, what="the demand in a heartbeat")
         seen_at, load = found  # type: ignore[misc]
         first_demand = min(t for t, ld in loads_since(head, submitted) if ld["pending"] or ld["gangs"])
         print(f"\nsubmitted -> first demand in a heartbeat {first_demand - submitted:.2f} s, "
@@ -116,7 +117,7 @@ def test_the_heads_load_reports_pending_tasks_groups_and_idle_time(
         return [ld for _, ld in loads_since(head, cancelled)
                 if not ld["pending"] and not ld["gangs"] and ld["nodes"][0]["status"] == "IDLE"]
 
-    wait_for(lambda: any(r["nodes"][0]["idle_ms"] >= 2000 for r in idle_reports()), 20, "idle_ms >= 2 s")
+    wait_for(lambda: any(r["nodes"][0]["idle_ms"] >= 2000 for r in idle_reports()), 20, what="idle_ms >= 2 s")
     reports = idle_reports()
     idle_ms = [r["nodes"][0]["idle_ms"] for r in reports]
     assert idle_ms == sorted(idle_ms) and idle_ms[-1] > idle_ms[0]
