@@ -28,8 +28,12 @@ def reconcile_cluster(cluster_id: int) -> None:
     from clusters.reconciler import reconcile_cluster as reconcile
 
     # The periodic tick of the autoscaler: heartbeats decide at once, this catches the rest
-    # (idle timeouts while load reports are steady, auto-stop).
-    autoscale_cluster(cluster_id)
+    # (idle timeouts while load reports are steady, auto-stop). A failed decision must not
+    # keep the reconciler from converging the cluster to what was already decided.
+    try:
+        autoscale_cluster(cluster_id)
+    except Exception:
+        logger.exception("autoscale.tick_failed", extra={"cluster_id": cluster_id})
     reconcile(cluster_id)
 
 
