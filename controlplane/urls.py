@@ -7,6 +7,7 @@ from clusters.agent_api.views import HeartbeatView, RegisterView
 from clusters.api.views import ClusterEventViewSet, ClusterViewSet, InstanceTypesView, NodeViewSet
 from controlplane.api import errors, health
 from controlplane.api.views import MemberViewSet, TokenViewSet, WorkspaceViewSet
+from projects.api.views import BlobViewSet, SnapshotViewSet
 
 
 class Router(SimpleRouter):
@@ -25,6 +26,8 @@ router.register(r"workspaces/(?P<ws>[a-z][a-z0-9-]{0,62})/clusters/(?P<name>[a-z
                 NodeViewSet, basename="node")
 router.register(r"workspaces/(?P<ws>[a-z][a-z0-9-]{0,62})/clusters/(?P<name>[a-z][a-z0-9-]{0,62})/events",
                 ClusterEventViewSet, basename="event")
+router.register(r"workspaces/(?P<ws>[a-z][a-z0-9-]{0,62})/blobs", BlobViewSet, basename="blob")
+router.register(r"workspaces/(?P<ws>[a-z][a-z0-9-]{0,62})/snapshots", SnapshotViewSet, basename="snapshot")
 router.register(r"tokens", TokenViewSet, basename="token")
 
 WorkspaceViewSet.lookup_value_regex = r"[a-z][a-z0-9-]{0,62}"

@@ -23,6 +23,7 @@ ERRORS = {
     403: "Your role in this workspace is too low.",
     404: "Not found (or in a workspace you do not belong to, or a page past the end).",
     409: "The object's state does not allow this.",
+    413: "The body is larger than the limit.",
     429: "Too many requests; retry after the Retry-After header.",
 }
 

@@ -40,6 +40,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "controlplane",
     "clusters",
+    "projects",
 ]
 
 MIDDLEWARE = [
@@ -188,6 +189,11 @@ CUMULUS_ENABLED_PROVIDERS = env.list("CUMULUS_ENABLED_PROVIDERS", default=["loca
 CUMULUS_TRUSTED_PROXIES = env.int("CUMULUS_TRUSTED_PROXIES", default=0)
 CUMULUS_INSTALL_ID = env.str("CUMULUS_INSTALL_ID", default="")
 CUMULUS_LOCAL_NODES_DIR = env.str("CUMULUS_LOCAL_NODES_DIR", default=str(DATA_DIR / "nodes"))
+# Project sync: blobs live in this folder (keys `<workspace id>/<sha[:2]>/<sha>`), each at most this big.
+CUMULUS_BLOB_DIR = env.str("CUMULUS_BLOB_DIR", default=str(DATA_DIR / "blobs"))
+CUMULUS_BLOB_MAX_BYTES = env.int("CUMULUS_BLOB_MAX_BYTES", default=2 * 1024**3)
+# JSON bodies are read whole: a snapshot manifest of 100,000 files needs more than Django's 2.5 MB.
+DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("CUMULUS_MAX_JSON_BYTES", default=64 * 1024**2)
 
 LOGGING = {
     "version": 1,

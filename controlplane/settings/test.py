@@ -18,3 +18,6 @@ if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test.sqlite3")}
 
 REST_FRAMEWORK = {**REST_FRAMEWORK, "DEFAULT_THROTTLE_RATES": {"user_burst": "100000/min"}}
+
+# Blobs of the fast layer go to a folder of their own (tests/projects points it at tmp_path).
+CUMULUS_BLOB_DIR = str(DATA_DIR / "test-blobs")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 
 import pytest
@@ -13,7 +14,9 @@ from schemathesis import checks
 
 from clusters.choices import ClusterStatus, NodeRole, NodeState
 from controlplane.choices import Role
+from controlplane.services import Actor
 from controlplane.wsgi import application
+from projects.services import blob_upload, snapshot_create
 from tests.conftest import api_for
 from tests.factories import ClusterFactory, MembershipFactory, NodeFactory, UserFactory, WorkspaceFactory
 
@@ -36,7 +39,7 @@ def in_test_transaction() -> Iterator[None]:
 
 
 @pytest.fixture
-def world(db: None, in_test_transaction: None) -> dict:
+def world(db: None, in_test_transaction: None, settings, tmp_path) -> dict:
     """A user who owns a workspace with a running cluster (head, worker, events) and a second member."""
     owner = UserFactory()
     workspace = WorkspaceFactory(slug="acme")
@@ -45,8 +48,14 @@ def world(db: None, in_test_transaction: None) -> dict:
     cluster = ClusterFactory(workspace=workspace, name="train", status=ClusterStatus.RUNNING)
     NodeFactory(cluster=cluster, role=NodeRole.HEAD, state=NodeState.READY)
     NodeFactory(cluster=cluster, state=NodeState.BOOTING)
+    settings.CUMULUS_BLOB_DIR = str(tmp_path / "blobs")
+    digest = hashlib.sha256(b"print(1)\n").hexdigest()
+    blob_upload(workspace=workspace, sha256=digest, chunks=[b"print(1)\n"], actor=Actor(user=owner))
+    snap = snapshot_create(workspace=workspace, actor=Actor(user=owner),
+                           files=[{"path": "main.py", "sha256": digest, "size": 9, "mode": 420}])
     api = api_for(owner)
-    return {"token": api.token, "path": {"ws": workspace.slug, "name": cluster.name, "user": str(owner.pk)}}
+    return {"token": api.token, "path": {"ws": workspace.slug, "name": cluster.name, "user": str(owner.pk),
+                                         "sha256": digest, "snapshot_id": str(snap.pk)}}
 
 
 # Two checks judge how precisely the schema describes valid input, which OpenAPI cannot do

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterator
 from datetime import timedelta
@@ -16,6 +17,8 @@ from clusters.reconciler import bootstrap_token_for, reconcile_cluster
 from controlplane.choices import Role
 from controlplane.models import ApiToken, AuditEvent, Membership, Workspace
 from controlplane.services import Actor, token_create, token_revoke
+from projects.models import Blob, Snapshot
+from projects.services import blob_upload, snapshot_create
 from tests.conftest import Api, api_for
 from tests.factories import ClusterFactory, MembershipFactory, NodeFactory, UserFactory, WorkspaceFactory
 from tests.fakes import FakeProvider
@@ -31,6 +34,9 @@ BODIES = {  # a valid body per (route, method): a 404 must not depend on validat
     ("clusters/", "post"): VALID_CLUSTER,
     ("clusters/{name}/", "patch"): {"tags": {"owned": "yes"}},
     ("", "patch"): {"name": "Renamed"},
+    ("blobs/missing/", "post"): {"sha256": [hashlib.sha256(b"secret").hexdigest()]},
+    ("snapshots/", "post"): {"files": [{"path": "s.py", "sha256": hashlib.sha256(b"secret").hexdigest(),
+                                        "size": 6, "mode": 420}]},
 }
 
 
@@ -68,7 +74,23 @@ def snapshot(workspace: Workspace) -> dict:
         "nodes": list(Node.objects.filter(cluster__in=clusters).order_by("id").values()),
         "events": ClusterEvent.objects.filter(cluster__in=clusters).count(),
         "audit": AuditEvent.objects.filter(workspace=workspace).count(),
+        "blobs": sorted(Blob.objects.for_workspace(workspace).values_list("sha256", "size")),
+        "snapshots": sorted(str(s) for s in Snapshot.objects.for_workspace(workspace).values_list("id", flat=True)),
     }
+
+
+def sync_objects(workspace: Workspace) -> dict[str, str]:
+    """A blob and a snapshot in `workspace`; the path parameters that name them."""
+    digest = hashlib.sha256(b"secret").hexdigest()
+    blob_upload(workspace=workspace, sha256=digest, chunks=[b"secret"], actor=Actor(user=None))
+    snap = snapshot_create(workspace=workspace, files=[{"path": "s.py", "sha256": digest, "size": 6, "mode": 420}],
+                           actor=Actor(user=None))
+    return {"sha256": digest, "snapshot_id": str(snap.pk)}
+
+
+@pytest.fixture(autouse=True)
+def blob_dir(settings, tmp_path):
+    settings.CUMULUS_BLOB_DIR = str(tmp_path / "blobs")
 
 
 @pytest.fixture
@@ -80,13 +102,15 @@ def other_workspace() -> dict:
     cluster = ClusterFactory(workspace=ws, name="secret", status=ClusterStatus.RUNNING)
     NodeFactory(cluster=cluster, role=NodeRole.HEAD, state=NodeState.READY)
     ClusterEvent.objects.create(cluster=cluster, kind="cluster.created", message="created")
-    return {"ws": ws, "params": {"ws": ws.slug, "name": cluster.name, "user": str(owner.pk)}}
+    return {"ws": ws, "params": {"ws": ws.slug, "name": cluster.name, "user": str(owner.pk), **sync_objects(ws)}}
 
 
 def test_routes_walked_cover_every_workspace_resource():
-    shapes = {fill(regex, {"ws": "w", "name": "n", "user": "1"})[1] for regex, _ in workspace_routes()}
+    params = {"ws": "w", "name": "n", "user": "1", "sha256": "0" * 64, "snapshot_id": "0" * 32}
+    shapes = {fill(regex, params)[1] for regex, _ in workspace_routes()}
     assert {"", "members/", "members/{user}/", "clusters/", "clusters/{name}/", "clusters/{name}/start/",
-            "clusters/{name}/stop/", "clusters/{name}/nodes/", "clusters/{name}/events/"} <= shapes
+            "clusters/{name}/stop/", "clusters/{name}/nodes/", "clusters/{name}/events/", "blobs/missing/",
+            "blobs/{sha256}/", "snapshots/", "snapshots/{snapshot_id}/"} <= shapes
 
 
 @pytest.mark.parametrize("role", [Role.OWNER, Role.VIEWER])
@@ -130,8 +154,8 @@ def test_a_viewer_gets_403_on_every_write_route_of_their_workspace(workspace: Wo
     owner = Membership.objects.get(workspace=workspace, role=Role.OWNER).user
     viewer = MembershipFactory(workspace=workspace, role=Role.VIEWER).user
     api = api_for(viewer)
+    params = {"ws": workspace.slug, "name": cluster.name, "user": str(owner.pk), **sync_objects(workspace)}
     before = snapshot(workspace)
-    params = {"ws": workspace.slug, "name": cluster.name, "user": str(owner.pk)}
     tried = 0
     # when / then
     for regex, methods in workspace_routes():
