@@ -28,7 +28,9 @@ def spec(name: str, min_workers: int = 1) -> dict:
         "provider": "local",
         "head": {"instance_type": "local.small"},
         "worker_groups": [
-            {"name": "cpu", "instance_type": "local.small", "min_workers": min_workers, "max_workers": 2}
+            # max = min: these tests assert exact node sets, so the autoscaler must not add a worker
+            # for the probe's tasks (autoscaling has its own tests).
+            {"name": "cpu", "instance_type": "local.small", "min_workers": min_workers, "max_workers": min_workers}
         ],
         "idle_timeout_minutes": 5,
     }
