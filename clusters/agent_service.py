@@ -19,6 +19,7 @@ from django.utils import timezone
 from clusters.choices import LIVE_NODE_STATES, EventLevel, NodeRole
 from clusters.choices import ClusterStatus as C
 from clusters.choices import NodeState as N
+from clusters.jobs import jobs_for_head
 from clusters.models import Cluster, Node
 from clusters.providers.catalog import find_instance_type
 from clusters.reconciler import refresh_status
@@ -199,6 +200,7 @@ def node_heartbeat(*, node: Node, state: str, message: str, ray: dict) -> Heartb
                 reply.commands.append({"type": "join", "gcs_address": cluster.gcs_address})
         if node.state == N.DRAINING:
             reply.commands.append({"type": "drain", "reason": node.state_reason or "scale down"})
+        reply.commands.extend(jobs_for_head(node))
 
         if changed:
             refresh_status(cluster)

@@ -68,3 +68,16 @@ class EventKind(models.TextChoices):
     PROVIDER_ERROR = "provider.error"
     AUTOSCALER = "autoscaler"  # a scaling decision and why: "cpu: 0 → 3 for 3 pending {CPU: 1}"
     INFEASIBLE = "autoscaler.infeasible"  # demand no node type can ever hold
+    JOB_SUBMITTED = "job.submitted"
+    JOB_STATUS = "job.status"
+
+
+class JobStatus(models.TextChoices):
+    PENDING = "PENDING"  # accepted; waiting for the head, being staged, or Ray is setting up its environment
+    RUNNING = "RUNNING"  # the entrypoint is running on the cluster
+    SUCCEEDED = "SUCCEEDED"  # exited 0
+    FAILED = "FAILED"  # exited non-zero, could not start, or the cluster went away under it
+    STOPPED = "STOPPED"  # stopped on request
+
+
+TERMINAL_JOB_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED})

@@ -7,7 +7,7 @@ import uuid
 from django.db import models
 from django.utils import timezone
 
-from clusters.choices import ClusterStatus, EventKind, EventLevel, NodeRole, NodeState
+from clusters.choices import ClusterStatus, EventKind, EventLevel, JobStatus, NodeRole, NodeState
 from controlplane.models import SLUG_PATTERN, WorkspaceOwned, slug_validator  # noqa: F401
 
 
@@ -172,3 +172,54 @@ class ClusterEvent(models.Model):
 
     def __str__(self) -> str:
         return self.message
+
+
+class Job(WorkspaceOwned):
+    """A command run on a cluster's head through Ray's job API, in the working directory of a snapshot.
+
+    The head's agent picks it up from its heartbeat reply, stages the snapshot, submits it to Ray
+    and reports status and log chunks back (clusters/jobs.py). Logs are stored append-only by byte
+    offset in `JobLogChunk`; `log_size` is the next offset.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    cluster = models.ForeignKey(Cluster, on_delete=models.CASCADE, related_name="jobs")
+    snapshot = models.ForeignKey("projects.Snapshot", on_delete=models.PROTECT, related_name="jobs")
+    entrypoint = models.TextField()
+    env = models.JSONField(default=dict, blank=True)
+    pip = models.JSONField(default=list, blank=True)
+
+    status = models.CharField(max_length=16, choices=JobStatus.choices, default=JobStatus.PENDING)
+    message = models.TextField(blank=True)
+    exit_code = models.IntegerField(null=True, blank=True)
+    # The head node that took the job; a job outlives neither its head nor its Ray cluster.
+    node = models.ForeignKey(Node, null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs")
+    ray_submission_id = models.CharField(max_length=100, blank=True)
+    stop_requested_at = models.DateTimeField(null=True, blank=True)
+    log_size = models.BigIntegerField(default=0)
+    log_truncated = models.BooleanField(default=False)
+
+    created_by = models.ForeignKey("controlplane.User", null=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["cluster", "status"], name="job_cluster_status")]
+
+    def __str__(self) -> str:
+        return str(self.id)
+
+
+class JobLogChunk(models.Model):
+    """Bytes [offset, offset + len(data)) of a job's log. Chunks are only ever appended."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="log_chunks")
+    offset = models.BigIntegerField()
+    data = models.BinaryField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["job", "offset"], name="job_log_chunk_offset")]
+
+    def __str__(self) -> str:
+        return f"{self.job_id}@{self.offset}"

@@ -28,6 +28,7 @@ from clusters import planner
 from clusters.choices import ClusterStatus as C
 from clusters.choices import EventKind, EventLevel, NodeRole
 from clusters.choices import NodeState as N
+from clusters.jobs import settle_jobs
 from clusters.models import Cluster, Node, NodeGroup
 from clusters.providers import (
     Bootstrap,
@@ -124,6 +125,7 @@ def _reconcile_once(cluster: Cluster, owner: str) -> None:
     actions = planner.plan(view, node_views, lost)
     _renew(cluster.pk, owner)
     apply(cluster, provider, actions)
+    settle_jobs(cluster)  # after apply: a stopped cluster or a lost head ends the jobs it held
 
 
 # --- observe and record ---------------------------------------------------------------

@@ -3,7 +3,9 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
+from clusters.agent_api.jobs import JobManifestView, JobReportView, NodeBlobView
 from clusters.agent_api.views import HeartbeatView, RegisterView
+from clusters.api.jobs import ClusterJobViewSet, WorkspaceJobViewSet
 from clusters.api.views import ClusterEventViewSet, ClusterViewSet, InstanceTypesView, NodeViewSet
 from controlplane.api import errors, health
 from controlplane.api.views import MemberViewSet, TokenViewSet, WorkspaceViewSet
@@ -26,6 +28,9 @@ router.register(r"workspaces/(?P<ws>[a-z][a-z0-9-]{0,62})/clusters/(?P<name>[a-z
                 NodeViewSet, basename="node")
 router.register(r"workspaces/(?P<ws>[a-z][a-z0-9-]{0,62})/clusters/(?P<name>[a-z][a-z0-9-]{0,62})/events",
                 ClusterEventViewSet, basename="event")
+router.register(r"workspaces/(?P<ws>[a-z][a-z0-9-]{0,62})/clusters/(?P<name>[a-z][a-z0-9-]{0,62})/jobs",
+                ClusterJobViewSet, basename="cluster-job")
+router.register(r"workspaces/(?P<ws>[a-z][a-z0-9-]{0,62})/jobs", WorkspaceJobViewSet, basename="job")
 router.register(r"workspaces/(?P<ws>[a-z][a-z0-9-]{0,62})/blobs", BlobViewSet, basename="blob")
 router.register(r"workspaces/(?P<ws>[a-z][a-z0-9-]{0,62})/snapshots", SnapshotViewSet, basename="snapshot")
 router.register(r"tokens", TokenViewSet, basename="token")
@@ -40,6 +45,9 @@ api_v1 = [
 agent_v1 = [
     path("register", RegisterView.as_view(), name="agent-register"),
     path("nodes/<uuid:node_id>/heartbeat", HeartbeatView.as_view(), name="agent-heartbeat"),
+    path("nodes/<uuid:node_id>/jobs/<uuid:job_id>/manifest", JobManifestView.as_view(), name="agent-job-manifest"),
+    path("nodes/<uuid:node_id>/jobs/<uuid:job_id>/report", JobReportView.as_view(), name="agent-job-report"),
+    path("nodes/<uuid:node_id>/blobs/<str:sha256>", NodeBlobView.as_view(), name="agent-blob"),
 ]
 
 urlpatterns = [

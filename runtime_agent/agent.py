@@ -39,6 +39,7 @@ from typing import Any
 
 from runtime_agent.client import AgentClient, Backoff, ProtocolError, Unauthorized, Unreachable
 from runtime_agent.identity import AgentConfig, Identity, load_identity, save_identity
+from runtime_agent.jobs import ArchiveServer, BlobCache, JobManager, NodeContext
 from runtime_agent.load import LoadReader, demand_signature, load_signature
 from runtime_agent.ports import PortReservation, RayPorts
 from runtime_agent.ray_node import GcsProbe, RayProcess, RaySpec, build_start_command, build_start_env, node_pids
@@ -143,6 +144,7 @@ class Agent:
         self._demand_checked: frozenset = frozenset()  # what was waiting at the last check
         self._demand_sent: frozenset = frozenset()  # what was waiting in the last heartbeat's load
         self._next_load_check = 0.0
+        self._jobs: JobManager | None = None
 
     # -- state --------------------------------------------------------------------------
 
@@ -401,10 +403,27 @@ class Agent:
             body["ray"]["load"] = None
             return self.client.heartbeat(self.identity.node_id, self.identity.node_token, body, timeout_s=timeout_s)
 
+    def job_manager(self) -> JobManager:
+        """The head's job runners (runtime_agent/jobs.py), created on the first job."""
+        if self._jobs is None:
+            assert self.identity is not None
+            jobs_dir = os.path.join(self.config.state_dir, "jobs")
+            self._jobs = JobManager(NodeContext(
+                client=self.client, node_id=self.identity.node_id, node_token=self.identity.node_token,
+                address=self.address, ray_temp_dir=self.config.temp_dir, dashboard_url=lambda: self.dashboard_url,
+                cache=BlobCache(os.path.join(jobs_dir, "blobs")), archives=os.path.join(jobs_dir, "archives"),
+                server=ArchiveServer(os.path.join(jobs_dir, "archives"), self.address),
+            ))
+        return self._jobs
+
     def handle_response(self, response: dict[str, Any]) -> None:
         interval = response.get("heartbeat_interval_s")
         if isinstance(interval, int | float) and interval > 0:
             self.heartbeat_interval_s = float(interval)
+        commands = [c for c in response.get("commands") or [] if isinstance(c, dict)]
+        jobs = [c.get("job") for c in commands if c.get("type") == "run_job"]
+        if jobs or self._jobs is not None:
+            self.job_manager().reconcile(jobs)
         for command in response.get("commands") or []:
             kind = command.get("type") if isinstance(command, dict) else None
             logger.info("agent.command type=%s", kind)
@@ -414,6 +433,8 @@ class Agent:
                 self.request_stop(f"stop: {command.get('reason', '')}", command=True)
             elif kind == "drain":
                 self.drain(str(command.get("reason", "")))
+            elif kind == "run_job":
+                pass  # handled above, all at once
             else:
                 logger.warning("agent.command.unknown command=%s", command)
 
@@ -516,6 +537,8 @@ class Agent:
             self._state, self._message = "stopping", self._stop_reason or ""
         if self.ray is not None:
             self.ray.stop(grace_s=self.config.stop_grace_s)
+        if self._jobs is not None:
+            self._jobs.close()
         if self.identity is not None:
             self._send_final_heartbeat(tries=3 if self._stop_is_command else 1)
         logger.info("agent.stopped")

@@ -8,12 +8,14 @@ Errors are sorted into three classes so that the loop can decide: `Unreachable`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
 import urllib.error
 import urllib.request
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, BinaryIO
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +40,10 @@ class Unauthorized(ClientError):
 
 class ProtocolError(ClientError):
     """An unexpected 4xx or a body that is not the JSON object we expect."""
+
+
+class NotFound(ProtocolError):
+    """404: the job or blob is not (or no longer) ours to read."""
 
 
 class Backoff:
@@ -76,29 +82,67 @@ class AgentClient:
     ) -> dict[str, Any]:
         return self._post(f"/nodes/{node_id}/heartbeat", body, token=node_token, timeout_s=timeout_s)
 
+    def job_manifest(self, node_id: str, node_token: str, job_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/nodes/{node_id}/jobs/{job_id}/manifest", token=node_token, timeout_s=60.0)
+
+    def job_report(self, node_id: str, node_token: str, job_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self._post(f"/nodes/{node_id}/jobs/{job_id}/report", body, token=node_token, timeout_s=30.0)
+
+    def download_blob(self, node_id: str, node_token: str, sha256: str, out: BinaryIO,
+                      chunk_size: int = 1024 * 1024) -> int:
+        """Stream a blob of this node's workspace into `out`; returns the byte count (the caller verifies the hash)."""
+        with self._open("GET", f"/nodes/{node_id}/blobs/{sha256}", token=node_token, timeout_s=60.0,
+                        accept="application/octet-stream") as response:
+            size = 0
+            while chunk := response.read(chunk_size):
+                out.write(chunk)
+                size += len(chunk)
+            return size
+
     def _post(
         self, path: str, body: dict[str, Any], token: str | None = None, timeout_s: float | None = None,
     ) -> dict[str, Any]:
+        return self._request("POST", path, body, token=token, timeout_s=timeout_s)
+
+    @contextlib.contextmanager
+    def _open(self, method: str, path: str, body: dict[str, Any] | None = None, token: str | None = None,
+              timeout_s: float | None = None, accept: str = "application/json") -> Iterator[Any]:
         url = self.base_url + API_PREFIX + path
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        headers = {"Accept": accept}
+        data = None
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+            data = json.dumps(body).encode()
         if token:
             headers["Authorization"] = f"Bearer {token}"
         # The scheme is checked to be http(s) in __init__.
-        request = urllib.request.Request(  # noqa: S310
-            url, data=json.dumps(body).encode(), headers=headers, method="POST",
-        )
+        request = urllib.request.Request(url, data=data, headers=headers, method=method)  # noqa: S310
         try:
-            with urllib.request.urlopen(request, timeout=timeout_s or self.timeout_s) as response:  # noqa: S310
-                raw = response.read()
+            response = urllib.request.urlopen(request, timeout=timeout_s or self.timeout_s)  # noqa: S310
         except urllib.error.HTTPError as exc:
             detail = _read_detail(exc)
             if exc.code in (401, 403):
                 raise Unauthorized(exc.code, detail) from exc
             if exc.code >= 500 or exc.code in (408, 429):
                 raise Unreachable(f"HTTP {exc.code}: {detail}") from exc
+            if exc.code == 404:
+                raise NotFound(f"HTTP 404: {detail}") from exc
             raise ProtocolError(f"HTTP {exc.code}: {detail}") from exc
         except (urllib.error.URLError, OSError, TimeoutError) as exc:  # refused, DNS, reset, timeout
             raise Unreachable(str(getattr(exc, "reason", exc))) from exc
+        try:
+            yield response
+        except (OSError, TimeoutError) as exc:  # the connection broke mid-body
+            raise Unreachable(str(exc)) from exc
+        finally:
+            response.close()
+
+    def _request(
+        self, method: str, path: str, body: dict[str, Any] | None = None, token: str | None = None,
+        timeout_s: float | None = None,
+    ) -> dict[str, Any]:
+        with self._open(method, path, body, token=token, timeout_s=timeout_s) as response:
+            raw = response.read()
         try:
             parsed = json.loads(raw or b"{}")
         except ValueError as exc:

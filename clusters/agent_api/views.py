@@ -169,10 +169,22 @@ class HeartbeatInput(StrictSerializer):
     ray = RayReport(required=False, default=dict)
 
 
+class JobCommand(serializers.Serializer):
+    id = serializers.UUIDField()
+    snapshot_id = serializers.UUIDField()
+    entrypoint = serializers.CharField()
+    env = serializers.DictField(child=serializers.CharField())
+    pip = serializers.ListField(child=serializers.CharField())
+    status = serializers.CharField()
+    log_offset = serializers.IntegerField(help_text="Bytes of the log the control plane has.")
+    stop = serializers.BooleanField()
+
+
 class Command(serializers.Serializer):
-    type = serializers.ChoiceField(choices=["join", "stop", "drain"])
+    type = serializers.ChoiceField(choices=["join", "stop", "drain", "run_job"])
     gcs_address = serializers.CharField(required=False)
     reason = serializers.CharField(required=False)
+    job = JobCommand(required=False, help_text="run_job: an unfinished job of this head (sent every heartbeat).")
 
 
 class HeartbeatOutput(serializers.Serializer):

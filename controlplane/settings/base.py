@@ -192,6 +192,8 @@ CUMULUS_LOCAL_NODES_DIR = env.str("CUMULUS_LOCAL_NODES_DIR", default=str(DATA_DI
 # Project sync: blobs live in this folder (keys `<workspace id>/<sha[:2]>/<sha>`), each at most this big.
 CUMULUS_BLOB_DIR = env.str("CUMULUS_BLOB_DIR", default=str(DATA_DIR / "blobs"))
 CUMULUS_BLOB_MAX_BYTES = env.int("CUMULUS_BLOB_MAX_BYTES", default=2 * 1024**3)
+# Jobs: each job's log is kept up to this many bytes; the rest is dropped with a note.
+CUMULUS_JOB_LOG_MAX_BYTES = env.int("CUMULUS_JOB_LOG_MAX_BYTES", default=256 * 1024**2)
 # JSON bodies are read whole: a snapshot manifest of 100,000 files needs more than Django's 2.5 MB.
 DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("CUMULUS_MAX_JSON_BYTES", default=64 * 1024**2)
 

@@ -12,7 +12,7 @@ from django.urls import URLPattern, URLResolver, get_resolver
 from django.utils import timezone
 
 from clusters.choices import ClusterStatus, NodeRole, NodeState
-from clusters.models import Cluster, ClusterEvent, Node, NodeGroup
+from clusters.models import Cluster, ClusterEvent, Job, JobLogChunk, Node, NodeGroup
 from clusters.reconciler import bootstrap_token_for, reconcile_cluster
 from controlplane.choices import Role
 from controlplane.models import ApiToken, AuditEvent, Membership, Workspace
@@ -35,6 +35,7 @@ BODIES = {  # a valid body per (route, method): a 404 must not depend on validat
     ("clusters/{name}/", "patch"): {"tags": {"owned": "yes"}},
     ("", "patch"): {"name": "Renamed"},
     ("blobs/missing/", "post"): {"sha256": [hashlib.sha256(b"secret").hexdigest()]},
+    ("clusters/{name}/jobs/", "post"): {"snapshot": "6f1c0a4e-2b1d-4a8e-9a53-1f0c2d3e4b5a", "entrypoint": "python x.py"},
     ("snapshots/", "post"): {"files": [{"path": "s.py", "sha256": hashlib.sha256(b"secret").hexdigest(),
                                         "size": 6, "mode": 420}]},
 }
@@ -76,7 +77,17 @@ def snapshot(workspace: Workspace) -> dict:
         "audit": AuditEvent.objects.filter(workspace=workspace).count(),
         "blobs": sorted(Blob.objects.for_workspace(workspace).values_list("sha256", "size")),
         "snapshots": sorted(str(s) for s in Snapshot.objects.for_workspace(workspace).values_list("id", flat=True)),
+        "jobs": list(Job.objects.for_workspace(workspace).order_by("id").values()),
+        "log": list(JobLogChunk.objects.filter(job__workspace=workspace).values_list("job_id", "offset")),
     }
+
+
+def a_job(cluster: Cluster, snapshot_id: str) -> str:
+    """A running job with a line of log on `cluster`; its id."""
+    job = Job.objects.create(workspace=cluster.workspace, cluster=cluster, snapshot_id=snapshot_id,
+                             entrypoint="python secret.py", status="RUNNING", log_size=7)
+    JobLogChunk.objects.create(job=job, offset=0, data=b"secret\n")
+    return str(job.pk)
 
 
 def sync_objects(workspace: Workspace) -> dict[str, str]:
@@ -102,15 +113,19 @@ def other_workspace() -> dict:
     cluster = ClusterFactory(workspace=ws, name="secret", status=ClusterStatus.RUNNING)
     NodeFactory(cluster=cluster, role=NodeRole.HEAD, state=NodeState.READY)
     ClusterEvent.objects.create(cluster=cluster, kind="cluster.created", message="created")
-    return {"ws": ws, "params": {"ws": ws.slug, "name": cluster.name, "user": str(owner.pk), **sync_objects(ws)}}
+    objects = sync_objects(ws)
+    return {"ws": ws, "params": {"ws": ws.slug, "name": cluster.name, "user": str(owner.pk), **objects,
+                                 "job_id": a_job(cluster, objects["snapshot_id"])}}
 
 
 def test_routes_walked_cover_every_workspace_resource():
-    params = {"ws": "w", "name": "n", "user": "1", "sha256": "0" * 64, "snapshot_id": "0" * 32}
+    params = {"ws": "w", "name": "n", "user": "1", "sha256": "0" * 64, "snapshot_id": "0" * 32, "job_id": "0" * 32}
     shapes = {fill(regex, params)[1] for regex, _ in workspace_routes()}
     assert {"", "members/", "members/{user}/", "clusters/", "clusters/{name}/", "clusters/{name}/start/",
             "clusters/{name}/stop/", "clusters/{name}/nodes/", "clusters/{name}/events/", "blobs/missing/",
-            "blobs/{sha256}/", "snapshots/", "snapshots/{snapshot_id}/"} <= shapes
+            "blobs/{sha256}/", "snapshots/", "snapshots/{snapshot_id}/", "clusters/{name}/jobs/",
+            "clusters/{name}/jobs/{job_id}/", "clusters/{name}/jobs/{job_id}/logs/", "clusters/{name}/jobs/{job_id}/stop/",
+            "jobs/", "jobs/{job_id}/", "jobs/{job_id}/logs/", "jobs/{job_id}/stop/"} <= shapes
 
 
 @pytest.mark.parametrize("role", [Role.OWNER, Role.VIEWER])
@@ -154,7 +169,9 @@ def test_a_viewer_gets_403_on_every_write_route_of_their_workspace(workspace: Wo
     owner = Membership.objects.get(workspace=workspace, role=Role.OWNER).user
     viewer = MembershipFactory(workspace=workspace, role=Role.VIEWER).user
     api = api_for(viewer)
-    params = {"ws": workspace.slug, "name": cluster.name, "user": str(owner.pk), **sync_objects(workspace)}
+    objects = sync_objects(workspace)
+    params = {"ws": workspace.slug, "name": cluster.name, "user": str(owner.pk), **objects,
+              "job_id": a_job(cluster, objects["snapshot_id"])}
     before = snapshot(workspace)
     tried = 0
     # when / then
