@@ -105,3 +105,110 @@ class Client:
 
     def cluster_stop(self, name: str) -> dict:
         return self.request("POST", self._cluster_path(name) + "stop", not_found=self._not_found(name))
+
+    # -- jobs ----------------------------------------------------------------------------------
+    def _job_path(self, job_id: str = "") -> str:
+        return f"workspaces/{self._ws()}/jobs/" + (f"{quote(job_id, safe='')}/" if job_id else "")
+
+    def _job_not_found(self, job_id: str) -> str:
+        return f"Job {job_id} does not exist in workspace '{self.workspace}'"
+
+    def job_submit(self, cluster: str, body: dict) -> dict:
+        return self.request("POST", self._cluster_path(cluster) + "jobs/", json=body,
+                            not_found=self._not_found(cluster))
+
+    def jobs(self, cluster: str | None = None, limit: int = 500) -> list[dict]:
+        params = {"page_size": limit, **({"cluster": cluster} if cluster else {})}
+        page = self.request("GET", self._job_path(), params=params,
+                            not_found=f"Workspace '{self.workspace}' does not exist or you are not a member of it")
+        return list(page.get("results", [])) if isinstance(page, dict) else list(page or [])
+
+    def job_get(self, job_id: str) -> dict:
+        return self.request("GET", self._job_path(job_id), not_found=self._job_not_found(job_id))
+
+    def job_logs(self, job_id: str, offset: int) -> dict:
+        return self.request("GET", self._job_path(job_id) + "logs", params={"offset": offset},
+                            not_found=self._job_not_found(job_id))
+
+    def job_stop(self, job_id: str) -> dict:
+        return self.request("POST", self._job_path(job_id) + "stop", not_found=self._job_not_found(job_id))
+
+    # -- project sync --------------------------------------------------------------------------
+    def _blobs_path(self) -> str:
+        return f"workspaces/{self._ws()}/blobs/"
+
+    def _ws_not_found(self) -> str:
+        return f"Workspace '{self.workspace}' does not exist or you are not a member of it"
+
+    def _sync_request(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+        """Like `request`, but a 400 comes back as (400, body): sync reacts to the error's code and fields."""
+        url = f"{self.url}/api/v1/{path.lstrip('/')}"
+        try:
+            response = self.session.request(method, url, timeout=TIMEOUT_S, **kwargs)
+        except requests.exceptions.Timeout:
+            raise CloudctlError(f"The control plane at {self.url} did not answer within {TIMEOUT_S} seconds.") from None
+        except requests.exceptions.RequestException:
+            raise CloudctlError(f"Cannot reach the control plane at {self.url}; is it running?") from None
+        try:
+            body = response.json() if response.content else None
+        except ValueError:
+            body = None
+        if response.status_code >= 400 and response.status_code != 400:
+            raise api_error(response.status_code, body, not_found=self._ws_not_found(),
+                            retry_after=response.headers.get("Retry-After"))
+        if body is None:
+            raise CloudctlError(f"{self.url} answered something that is not the Cumulus API (no JSON); check the URL.")
+        return response.status_code, body
+
+    @staticmethod
+    def _error_code(body: Any) -> str:
+        error = body.get("error") if isinstance(body, dict) else None
+        return str(error.get("code") or "") if isinstance(error, dict) else ""
+
+    def blobs_missing(self, hashes: list[str]) -> list[str]:
+        """Those of `hashes` (at most 10,000) that the workspace does not hold yet."""
+        return self.request("POST", self._blobs_path() + "missing", json={"sha256": hashes},
+                            not_found=self._ws_not_found())["missing"]
+
+    def blob_upload(self, sha256: str, body: Any) -> dict | None:
+        """PUT one blob. `body` is streamed: an open file, or an iterable of chunks with a `len()`.
+
+        Returns None when the server found that the bytes do not hash to `sha256` (the file
+        changed after it was hashed), so that the caller hashes it again.
+        """
+        status, answer = self._sync_request("PUT", self._blobs_path() + sha256, data=body,
+                                            headers={"Content-Type": "application/octet-stream"})
+        if status == 400:
+            if self._error_code(answer) == "hash_mismatch":
+                return None
+            raise api_error(status, answer)
+        return answer
+
+    def blobs_upload_batch(self, body: Any) -> dict:
+        """POST a bundle of blobs (`blobs/batch`: per blob 64 hex digits of SHA-256, the size as 16 hex digits,
+        the bytes), streamed like `blob_upload`. The answer's `mismatched` lists blobs whose bytes did not match."""
+        status, answer = self._sync_request("POST", self._blobs_path() + "batch", data=body,
+                                            headers={"Content-Type": "application/octet-stream"})
+        if status == 400:
+            raise api_error(status, answer)
+        return answer
+
+    def snapshot_create(self, files: list[dict]) -> dict:
+        """Record a manifest of {path, sha256, size, mode}; MissingBlobs if the workspace lacks some of its blobs."""
+        status, answer = self._sync_request("POST", f"workspaces/{self._ws()}/snapshots/", json={"files": files})
+        if status == 400:
+            error = answer.get("error") if isinstance(answer, dict) else None
+            fields = error.get("fields") if isinstance(error, dict) else None
+            missing = fields.get("missing") if isinstance(fields, dict) else None
+            if isinstance(missing, list) and missing:
+                raise MissingBlobs([str(h) for h in missing])
+            raise api_error(status, answer)
+        return answer
+
+
+class MissingBlobs(CloudctlError):
+    """A manifest names blobs the workspace does not hold (never uploaded, or lost since): upload them, try again."""
+
+    def __init__(self, missing: list[str]) -> None:
+        super().__init__(f"The control plane lacks {len(missing)} of the snapshot's blobs.")
+        self.missing = missing

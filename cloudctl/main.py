@@ -333,3 +333,175 @@ def status(file: ProjectFileOpt = None, json_out: JsonOpt = False) -> None:
         output.print_json(cluster)
     else:
         output.out.print(output.cluster_detail(cluster))
+
+
+# -- jobs -----------------------------------------------------------------------------------------
+
+jobs_app = typer.Typer(help="List, inspect and stop jobs.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+
+LIVE_STATUSES = {"PENDING", "PROVISIONING", "STARTING", "RUNNING", "UPDATING"}
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+@fail_cleanly
+def run(
+    command: Annotated[list[str], typer.Argument(help="The command to run on the cluster, after `--`.",
+                                                 show_default=False, metavar="-- COMMAND...")],
+    cluster: Annotated[str | None, typer.Option("--cluster", "-c", help="Cluster name (default: cloud.yaml's).")
+                       ] = None,
+    file: ProjectFileOpt = None,
+    env: Annotated[list[str] | None, typer.Option("--env", "-e", help="NAME=VALUE for the job; repeatable.")
+                   ] = None,
+    detach: Annotated[bool, typer.Option("--detach", "-d", help="Submit and return at once.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Sync the project, run COMMAND on the cluster, stream its output, exit with its exit status."""
+    import shlex
+
+    from cloudctl import jobs as jobs_mod
+    from cloudctl.sync import sync_project
+
+    project = load_project(file, required=cluster is None)
+    root = project.root if project else Path.cwd()
+    name = cluster or project.cluster_name  # type: ignore[union-attr]
+    job_env = {**(project.job.env if project else {}), **jobs_mod.parse_env(env or [])}
+    api = client()
+    found = _get_or_none(api, name)
+    if found is None:
+        raise CloudctlError(f"Cluster {name} does not exist in workspace '{api.workspace}'; run `cloudctl up` "
+                            "to create it.")
+    if found["status"] not in LIVE_STATUSES:
+        raise CloudctlError(f"Cluster {name} is {found['status']}; run `cloudctl up` to start it.")
+    result = sync_project(api, root, excludes=project.job.excludes if project else [], progress=not json_out)
+    job = api.job_submit(name, {"snapshot": result.snapshot_id, "entrypoint": shlex.join(command), "env": job_env,
+                                "pip": project.job.pip if project else []})
+    job_id = job["id"]
+    if detach:
+        if json_out:
+            output.print_json(job)
+        else:
+            output.err.print(f"Job {job_id} submitted to {name}; `cloudctl logs {job_id[:8]} -f` follows it.",
+                             markup=False, soft_wrap=True)
+            output.out.print(job_id, markup=False)
+        return
+    if not json_out:
+        output.err.print(f"Job {job_id[:8]} submitted to {name}.", markup=False)
+    try:
+        job = jobs_mod.follow(api, job_id, show_waiting=not json_out,
+                              write=sys.stderr.write if json_out else sys.stdout.write)
+    except KeyboardInterrupt:
+        raise typer.Exit(jobs_mod.ask_to_stop(api, job_id)) from None
+    code = jobs_mod.exit_code_of(job)
+    if json_out:
+        output.print_json(job)
+    elif code:
+        reason = f" with exit code {job['exit_code']}" if job.get("exit_code") is not None else ""
+        message = f": {job['message'].splitlines()[0]}" if job.get("message") and reason == "" else ""
+        output.err.print(f"Job {job_id[:8]} {job['status']}{reason}{message}.", markup=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+@fail_cleanly
+def logs(
+    job: Annotated[str, typer.Argument(help="Job id (or its first characters).")],
+    follow_: Annotated[bool, typer.Option("--follow", "-f", help="Keep following until the job ends.")] = False,
+) -> None:
+    """Print a job's log; -f follows it live until the job ends."""
+    from cloudctl import jobs as jobs_mod
+
+    api = client()
+    job_id = jobs_mod.resolve_job_id(api, job)
+    if not follow_:
+        state = jobs_mod.Follow(job_id)
+        jobs_mod.read_new(api, state, sys.stdout.write)
+        sys.stdout.flush()
+        return
+    try:
+        jobs_mod.follow(api, job_id, show_waiting=True, write=sys.stdout.write)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+@jobs_app.command("list")
+@fail_cleanly
+def jobs_list(
+    cluster: Annotated[str | None, typer.Option("--cluster", "-c", help="Only this cluster's jobs.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """The workspace's jobs, newest first."""
+    from cloudctl import jobs as jobs_mod
+
+    found = client().jobs(cluster)
+    if json_out:
+        output.print_json(found)
+    elif not found:
+        output.out.print("No jobs.")
+    else:
+        output.out.print(jobs_mod.jobs_table(found))
+
+
+@jobs_app.command("get")
+@fail_cleanly
+def jobs_get(job: Annotated[str, typer.Argument(help="Job id (or its first characters).")],
+             json_out: JsonOpt = False) -> None:
+    """One job: status, exit code, message."""
+    from cloudctl import jobs as jobs_mod
+
+    api = client()
+    found = api.job_get(jobs_mod.resolve_job_id(api, job))
+    if json_out:
+        output.print_json(found)
+    else:
+        output.out.print(jobs_mod.jobs_table([found]))
+        if found.get("message"):
+            output.out.print(found["message"], markup=False, soft_wrap=True)
+
+
+@jobs_app.command("stop")
+@fail_cleanly
+def jobs_stop(job: Annotated[str, typer.Argument(help="Job id (or its first characters).")],
+              json_out: JsonOpt = False) -> None:
+    """Stop a job (at once if it has not started yet)."""
+    from cloudctl import jobs as jobs_mod
+
+    api = client()
+    stopped = api.job_stop(jobs_mod.resolve_job_id(api, job))
+    if json_out:
+        output.print_json(stopped)
+    else:
+        output.out.print(f"Job {stopped['id'][:8]} is {stopped['status']}"
+                         + (" (stop requested)." if stopped["status"] not in ("STOPPED",) else "."), markup=False)
+
+
+# -- project sync -----------------------------------------------------------------------------------
+
+
+@app.command()
+@fail_cleanly
+def sync(
+    file: ProjectFileOpt = None,
+    max_size: Annotated[str | None, typer.Option(
+        "--max-size", help="Refuse a project bigger than this, e.g. 500M or 2G (default: $CLOUDCTL_SYNC_MAX_BYTES, "
+                           "else 2G).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Upload the project's files (only what the control plane lacks) and record them as a snapshot.
+
+    The project is the directory of the nearest cloud.yaml, or the current directory outside a
+    project. .gitignore and .cloudignore files and cloud.yaml's job.excludes say what to leave out.
+    """
+    from cloudctl import sync as sync_mod  # imported here: the other commands need neither it nor pathspec
+
+    project = load_project(file, required=file is not None)
+    root = project.root if project is not None else Path.cwd()
+    limit = sync_mod.parse_size(max_size) if max_size is not None else None
+    result = sync_mod.sync_project(client(), root, excludes=project.job.excludes if project is not None else [],
+                                   max_bytes=limit, progress=not json_out)
+    if json_out:
+        output.print_json({"snapshot_id": result.snapshot_id, "files": result.files, "bytes": result.bytes,
+                           "uploaded_blobs": result.uploaded_blobs, "uploaded_bytes": result.uploaded_bytes,
+                           "hashed_files": result.hashed_files})
+    else:
+        output.out.print(sync_mod.summary(result), markup=False, soft_wrap=True)

@@ -15,3 +15,9 @@ ROLE_RANK: dict[str, int] = {Role.VIEWER: 0, Role.MEMBER: 1, Role.ADMIN: 2, Role
 
 def role_at_least(role: str, minimum: str) -> bool:
     return ROLE_RANK[role] >= ROLE_RANK[minimum]
+
+
+def owner_role_change_allowed(*, actor_role: str, new_role: str | None, current_role: str | None) -> bool:
+    """Only an owner may grant, change or remove the owner role: the members API and the console ask here."""
+    touches_owner = new_role == Role.OWNER or current_role == Role.OWNER
+    return actor_role == Role.OWNER or not touches_owner

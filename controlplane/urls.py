@@ -55,6 +55,7 @@ urlpatterns = [
     path("api/agent/v1/", include(agent_v1)),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
+    path("console/", include("frontend.urls")),
     path("", health.index, name="index"),
     path("healthz", health.healthz, name="healthz"),
     path("metrics", health.metrics, name="metrics"),

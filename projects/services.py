@@ -2,18 +2,35 @@
 
 from __future__ import annotations
 
+import re
+from collections import deque
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
+from django.db.models.constants import OnConflict
+from django.utils import timezone
 
 from controlplane.errors import DomainError, ValidationFailed
 from controlplane.models import User, Workspace
 from controlplane.services import Actor, audit_record
 from projects.models import Blob, Snapshot, SnapshotFile
-from projects.storage import blob_key, blob_store
+from projects.storage import CHUNK_SIZE, BlobWriter, blob_key, blob_store
 
 IN_BATCH = 500  # hashes per `IN (...)` query: SQLite caps the number of bound parameters
+# A bundle (`blobs/batch`) is, per blob, a fixed header of 64 lowercase hex digits (SHA-256) and
+# the size as 16 hex digits, then the bytes. Fixed-width, so it is read without searching for a
+# delimiter, and the bytes need no escaping.
+BATCH_HEADER = 80
+BATCH_HEADER_RE = re.compile(rb"[0-9a-f]{64}[0-9a-f]{16}")
+MAX_BATCH_BLOBS = 2_000
+# A commit waits on the disk (fsync) or on S3; a bundle commits this many blobs at once while it
+# reads the next ones, holding at most COMMITS_IN_FLIGHT writers (open files, buffered parts).
+COMMIT_WORKERS = 4
+COMMITS_IN_FLIGHT = 32
 
 
 class HashMismatch(DomainError):
@@ -24,6 +41,11 @@ class HashMismatch(DomainError):
 class TooLarge(DomainError):
     status_code = 413
     code = "too_large"
+
+
+class BadBundle(DomainError):
+    status_code = 400
+    code = "invalid_bundle"
 
 
 def existing_hashes(workspace: Workspace, hashes: Iterable[str]) -> dict[str, int]:
@@ -76,6 +98,162 @@ def blob_upload(*, workspace: Workspace, sha256: str, chunks: Iterable[bytes], a
     return blob, True
 
 
+@dataclass
+class BatchResult:
+    created: list[str] = field(default_factory=list)
+    existing: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)  # bodies that did not hash to their header's SHA-256
+
+
+class _BundleReader:
+    """Reads a request body in large pieces and hands out exact slices of it.
+
+    A bundle of a thousand small blobs would otherwise cost two reads per blob through the
+    WSGI input's layers (Django's LimitedStream, the server's body reader); this costs one
+    per CHUNK_SIZE of body. It holds at most about CHUNK_SIZE bytes.
+    """
+
+    def __init__(self, stream: BinaryIO | None) -> None:
+        self.stream = stream
+        self.buffer = b""
+        self.offset = 0
+
+    def _fill(self) -> bool:
+        chunk = self.stream.read(CHUNK_SIZE) if self.stream is not None else b""
+        if not chunk:
+            return False
+        self.buffer = self.buffer[self.offset:] + chunk if self.offset < len(self.buffer) else chunk
+        self.offset = 0
+        return True
+
+    def read(self, n: int) -> bytes:
+        """Up to `n` bytes (at least one unless the body has ended), at most what is buffered."""
+        if self.offset >= len(self.buffer) and not self._fill():
+            return b""
+        piece = self.buffer[self.offset:self.offset + n]
+        self.offset += len(piece)
+        return piece
+
+    def read_exact(self, n: int) -> bytes:
+        """`n` bytes, or fewer only where the body ends."""
+        while len(self.buffer) - self.offset < n and self._fill():
+            pass
+        piece = self.buffer[self.offset:self.offset + n]
+        self.offset += len(piece)
+        return piece
+
+
+def _insert_blobs(workspace: Workspace, blobs: dict[str, int]) -> None:
+    """INSERT a Blob row per {sha256: size}, skipping any that a concurrent upload recorded first.
+
+    One executemany: bulk_create spent about 70 microseconds per row building statements.
+    """
+    if not blobs:
+        return
+    meta = Blob._meta
+    quote = connection.ops.quote_name
+    columns = ", ".join(quote(meta.get_field(name).column) for name in ("workspace", "sha256", "size", "created_at"))
+    created_at = meta.get_field("created_at").get_db_prep_save(timezone.now(), connection)
+    insert = connection.ops.insert_statement(on_conflict=OnConflict.IGNORE)
+    suffix = connection.ops.on_conflict_suffix_sql([], OnConflict.IGNORE, None, None)
+    sql = f"{insert} {quote(meta.db_table)} ({columns}) VALUES (%s, %s, %s, %s) {suffix}"
+    with connection.cursor() as cursor:
+        cursor.executemany(sql, [(workspace.pk, h, size, created_at) for h, size in blobs.items()])
+
+
+def _commit(writer: BlobWriter) -> None:
+    try:
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def blobs_upload_batch(*, workspace: Workspace, stream: BinaryIO | None, actor: Actor,
+                       max_bytes: int | None = None) -> BatchResult:
+    """Store a bundle of blobs (see BATCH_HEADER), each hash-verified as it streams in; record them in one go.
+
+    One request per blob costs a project of 10,000 small files 10,000 round trips, each with
+    authentication and a transaction; a bundle costs one. A blob whose bytes do not match its
+    hash is dropped and reported in `mismatched`, the others are kept: a stored blob is always
+    exactly its hash's bytes, so keeping it can never be wrong. A malformed bundle (a bad
+    header, a body cut short) or an oversized blob fails the request and records nothing.
+    """
+    limit = settings.CUMULUS_BLOB_MAX_BYTES if max_bytes is None else max_bytes
+    store = blob_store()
+    result = BatchResult()
+    stored: dict[str, int] = {}
+    in_flight: deque[Future] = deque()
+    reader = _BundleReader(stream)
+    with ThreadPoolExecutor(COMMIT_WORKERS, thread_name_prefix="blob-commit") as pool:
+        count = 0
+        while True:
+            header = reader.read_exact(BATCH_HEADER)
+            if not header:
+                break
+            count += 1
+            if len(header) < BATCH_HEADER or not BATCH_HEADER_RE.fullmatch(header):
+                raise BadBundle(f"Blob {count} of the bundle has no valid header (64 lowercase hexadecimal digits "
+                                f"of SHA-256, then the size as 16 hexadecimal digits).")
+            if count > MAX_BATCH_BLOBS:
+                raise BadBundle(f"A bundle holds at most {MAX_BATCH_BLOBS} blobs.")
+            sha256, size = header[:64].decode("ascii"), int(header[64:], 16)
+            if size > limit:
+                raise TooLarge(f"Blob {sha256} is {size} bytes, over the limit of {limit} bytes.")
+            writer = store.open_write(blob_key(workspace.pk, sha256))
+            try:
+                remaining = size
+                while remaining:
+                    chunk = reader.read(remaining)
+                    if not chunk:
+                        raise BadBundle(f"The bundle ends inside blob {count} ({sha256}).")
+                    writer.write(chunk)
+                    remaining -= len(chunk)
+            except BaseException:
+                writer.abort()
+                raise
+            if writer.hexdigest() != sha256:
+                writer.abort()
+                result.mismatched.append(sha256)
+                continue
+            in_flight.append(pool.submit(_commit, writer))
+            stored[sha256] = size
+            while len(in_flight) > COMMITS_IN_FLIGHT:
+                in_flight.popleft().result()
+        for future in in_flight:  # every blob is in the store before a row says so
+            future.result()
+    if not stored:
+        return result
+    found = existing_hashes(workspace, stored)
+    new = {h: size for h, size in stored.items() if h not in found}
+    with transaction.atomic():
+        _insert_blobs(workspace, new)
+        if new:
+            audit_record(actor=actor, action="blob.upload_batch", target_type="blob", target_id=next(iter(new)),
+                         workspace=workspace, data={"count": len(new), "size": sum(new.values()), "sha256": list(new)})
+    result.created = list(new)
+    result.existing = [h for h in stored if h in found]
+    return result
+
+
+def _insert_snapshot_files(snapshot: Snapshot, files: list[dict]) -> None:
+    """INSERT the manifest's rows with one parameterised executemany.
+
+    bulk_create builds a model instance per row, about 30 microseconds each: a third of a
+    second for a 10,000-file project, which every sync pays. The statement and its values are
+    the ones bulk_create would send.
+    """
+    meta = SnapshotFile._meta
+    quote = connection.ops.quote_name
+    columns = ", ".join(quote(meta.get_field(name).column) for name in ("snapshot", "path", "sha256", "size", "mode"))
+    snapshot_ref = meta.get_field("snapshot").get_db_prep_save(snapshot.pk, connection)
+    sql = f"INSERT INTO {quote(meta.db_table)} ({columns}) VALUES (%s, %s, %s, %s, %s)"  # noqa: S608 - names only
+    with connection.cursor() as cursor:
+        for i in range(0, len(files), 5_000):
+            cursor.executemany(sql, [(snapshot_ref, f["path"], f["sha256"], f["size"], f["mode"])
+                                     for f in files[i:i + 5_000]])
+
+
 @transaction.atomic
 def snapshot_create(*, workspace: Workspace, files: list[dict], actor: Actor) -> Snapshot:
     """Record a manifest whose entries are already well-formed (projects.api.serializers.SnapshotCreate).
@@ -103,11 +281,7 @@ def snapshot_create(*, workspace: Workspace, files: list[dict], actor: Actor) ->
         total_size=sum(f["size"] for f in files),
         file_count=len(files),
     )
-    SnapshotFile.objects.bulk_create(
-        (SnapshotFile(snapshot=snapshot, path=f["path"], sha256=f["sha256"], size=f["size"], mode=f["mode"])
-         for f in files),
-        batch_size=2000,
-    )
+    _insert_snapshot_files(snapshot, files)
     audit_record(actor=actor, action="snapshot.create", target_type="snapshot", target_id=snapshot.pk,
                  workspace=workspace, data={"file_count": snapshot.file_count, "total_size": snapshot.total_size})
     return snapshot

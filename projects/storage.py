@@ -3,18 +3,28 @@
 Writes are streamed: the caller feeds chunks to a `BlobWriter`, which hashes them as they go
 into a temporary file beside the final one; `commit()` renames it into place atomically, and
 `abort()` (or leaving the `with` block on an error) removes it.
+
+`S3BlobStore` (CUMULUS_BLOB_STORE=s3) keeps them in a bucket, under CUMULUS_BLOB_S3_PREFIX, for
+installs whose web processes do not share a disk. Its writer streams into a multipart upload
+to the final key that only `commit()` completes, so there too a blob appears whole or not at all.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import logging
 import os
 import tempfile
+import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+
+logger = logging.getLogger(__name__)
 
 CHUNK_SIZE = 1024 * 1024
 
@@ -55,6 +65,9 @@ class BlobWriter(ABC):
 
 
 class BlobStore(ABC):
+    """Bytes by key. A key names one blob's bytes for good (content-addressed), so writing a key
+    again writes the same bytes, and a reader never sees a partial blob."""
+
     @abstractmethod
     def exists(self, key: str) -> bool: ...
 
@@ -62,15 +75,23 @@ class BlobStore(ABC):
     def open_write(self, key: str) -> BlobWriter: ...
 
     @abstractmethod
-    def open_read(self, key: str) -> BinaryIO: ...
+    def open_read(self, key: str) -> BinaryIO:
+        """A stream of the blob's bytes (read in pieces, never loaded whole); FileNotFoundError if absent."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove the blob; removing one that is not there is not an error (garbage collection may race)."""
 
 
 class _LocalWriter(BlobWriter):
     def __init__(self, final: Path) -> None:
         super().__init__()
         self.final = final
-        final.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=final.parent, prefix=".upload-", suffix=".tmp")
+        try:
+            fd, name = tempfile.mkstemp(dir=final.parent, prefix=".upload-", suffix=".tmp")
+        except FileNotFoundError:  # the first blob of its folder; creating first saves a mkdir per blob
+            final.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=final.parent, prefix=".upload-", suffix=".tmp")
         self.temp = Path(name)
         self.file: BinaryIO | None = os.fdopen(fd, "wb")
 
@@ -96,12 +117,16 @@ class _LocalWriter(BlobWriter):
 class LocalBlobStore(BlobStore):
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        self._root = os.path.abspath(root)
 
     def _path(self, key: str) -> Path:
-        path = (self.root / key).resolve()
-        if not path.is_relative_to(self.root.resolve()):
+        # Checked lexically: `resolve()` made about ten lstat calls per blob, which a bundle of
+        # a thousand small blobs (projects.services.blobs_upload_batch) felt. Only this store
+        # writes below its root, so there is no symlink in it to follow.
+        path = os.path.normpath(os.path.join(self._root, key))
+        if not path.startswith(self._root + os.sep):
             raise ValueError(f"Blob key outside the store: {key!r}")
-        return path
+        return Path(path)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -112,7 +137,225 @@ class LocalBlobStore(BlobStore):
     def open_read(self, key: str) -> BinaryIO:
         return self._path(key).open("rb")
 
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+
+# --- S3 (and S3-compatible: MinIO, moto) -----------------------------------------------
+# S3's multipart rules: every part but the last is at least 5 MiB, and an upload has at most
+# 10,000 parts, so 8 MiB parts carry blobs up to 78 GiB (CUMULUS_BLOB_MAX_BYTES is 2 GiB).
+S3_MIN_PART_SIZE = 5 * 1024 * 1024
+S3_PART_SIZE = 8 * 1024 * 1024
+S3_MAX_PARTS = 10_000
+# Error codes S3 and its look-alikes answer for a key that is not there (HEAD has no body,
+# so botocore reports the bare status code).
+_S3_MISSING = frozenset({"404", "NoSuchKey", "NotFound"})
+
+
+def _s3_missing(error: Exception) -> bool:
+    response = getattr(error, "response", None) or {}
+    code = str(response.get("Error", {}).get("Code", ""))
+    return code in _S3_MISSING or response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404
+
+
+class _S3Writer(BlobWriter):
+    """A blob on its way into S3: invisible under its key until `commit()`.
+
+    Bytes are buffered into parts of `part_size`. The first full part opens a multipart upload
+    to the final key; S3 shows no object for it until `complete_multipart_upload`, which only
+    `commit()` sends, and `abort()` discards the parts. A blob smaller than one part never
+    opens an upload: `commit()` sends it with one `put_object`. Either way a reader sees the
+    previous object (for a content-addressed key: the same bytes), or none, or the whole blob.
+    """
+
+    def __init__(self, client: Any, bucket: str, key: str, part_size: int = S3_PART_SIZE) -> None:
+        super().__init__()
+        if part_size < S3_MIN_PART_SIZE:
+            raise ValueError(f"S3 parts are at least {S3_MIN_PART_SIZE} bytes, not {part_size}.")
+        self.client = client
+        self.bucket = bucket
+        self.key = key
+        self.part_size = part_size
+        self.upload_id: str | None = None
+        self.parts: list[dict[str, Any]] = []
+        self._buffer = bytearray()
+        self._open = True
+        # Follow the client's checksum policy as boto3's own transfer manager does: with the
+        # default ("when_supported") each part carries a CRC32 that S3 checks, and the parts
+        # list must repeat it; an operator whose S3 look-alike refuses that sets
+        # AWS_REQUEST_CHECKSUM_CALCULATION=when_required and the parts go without.
+        checksums = getattr(client.meta.config, "request_checksum_calculation", None)
+        self._checksum: dict[str, str] = {"ChecksumAlgorithm": "CRC32"} if checksums == "when_supported" else {}
+
+    def _write(self, chunk: bytes) -> None:
+        if not self._open:
+            raise ValueError("The blob is already committed or aborted.")
+        self._buffer += chunk
+        while len(self._buffer) >= self.part_size:
+            part = bytes(self._buffer[:self.part_size])
+            del self._buffer[:self.part_size]
+            self._upload_part(part)
+
+    def _upload_part(self, data: bytes) -> None:
+        if self.upload_id is None:
+            created = self.client.create_multipart_upload(Bucket=self.bucket, Key=self.key,
+                                                          ContentType="application/octet-stream", **self._checksum)
+            self.upload_id = created["UploadId"]
+        number = len(self.parts) + 1
+        if number > S3_MAX_PARTS:
+            raise ValueError(f"A blob of more than {S3_MAX_PARTS} parts of {self.part_size} bytes does not fit S3.")
+        sent = self.client.upload_part(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
+                                       PartNumber=number, Body=data, **self._checksum)
+        part = {"PartNumber": number, "ETag": sent["ETag"]}
+        if "ChecksumCRC32" in sent:
+            part["ChecksumCRC32"] = sent["ChecksumCRC32"]
+        self.parts.append(part)
+
+    def commit(self) -> None:
+        if not self._open:
+            raise ValueError("The blob is already committed or aborted.")
+        if self.upload_id is None:
+            self.client.put_object(Bucket=self.bucket, Key=self.key, Body=bytes(self._buffer),
+                                   ContentType="application/octet-stream")
+        else:
+            if self._buffer:  # the last part may be smaller than the minimum
+                self._upload_part(bytes(self._buffer))
+            self.client.complete_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
+                                                  MultipartUpload={"Parts": self.parts})
+        # Only now, on success: a failed commit leaves the writer open, so leaving the `with`
+        # block aborts the upload instead of orphaning its parts.
+        self._open = False
+        self._buffer = bytearray()
+
+    def abort(self) -> None:
+        if not self._open:
+            return
+        self._open = False
+        self._buffer = bytearray()
+        if self.upload_id is None:
+            return
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id)
+        except (BotoCoreError, ClientError):
+            # Never raised: abort runs while another error (a hash mismatch, a lost client) is on
+            # its way out, and must not replace it. The parts are invisible and unbilled only
+            # once aborted, so the bucket should also have a lifecycle rule that aborts
+            # incomplete multipart uploads after a day.
+            logger.warning("blob.s3.abort_failed", exc_info=True,
+                           extra={"bucket": self.bucket, "key": self.key, "upload_id": self.upload_id})
+
+
+class _S3Raw(io.RawIOBase):
+    """A botocore StreamingBody as a raw stream, so that `io.BufferedReader` can sit on it."""
+
+    def __init__(self, body: Any) -> None:
+        super().__init__()
+        self._body = body
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        # StreamingBody reads as much as it is asked for or up to the end; at the end it also
+        # checks that the bytes received add up to Content-Length (a cut stream raises).
+        data = self._body.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._body.close()  # gives the connection back (or drops it when unread bytes remain)
+        super().close()
+
+
+class S3BlobStore(BlobStore):
+    """Blobs as objects of one bucket, each at `<prefix>/<key>`.
+
+    Assumes S3's strong read-after-write consistency (AWS since 2020, MinIO): once `commit()`
+    returns, `exists` and `open_read` see the blob from any process. The credentials need
+    s3:GetObject, PutObject, DeleteObject, ListBucket (without it S3 answers 403, not 404, for a
+    missing key, which is then raised rather than taken for "missing") and AbortMultipartUpload.
+    """
+
+    def __init__(self, client: Any, bucket: str, prefix: str = "", part_size: int = S3_PART_SIZE) -> None:
+        self.client = client
+        self.bucket = bucket
+        folder = prefix.strip("/")
+        self.prefix = f"{folder}/" if folder else ""
+        self.part_size = part_size
+
+    def object_key(self, key: str) -> str:
+        return f"{self.prefix}{key}"
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self.object_key(key))
+        except ClientError as error:
+            if _s3_missing(error):
+                return False
+            raise
+        return True
+
+    def open_write(self, key: str) -> BlobWriter:
+        return _S3Writer(self.client, self.bucket, self.object_key(key), part_size=self.part_size)
+
+    def open_read(self, key: str) -> BinaryIO:
+        from botocore.exceptions import ClientError
+
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self.object_key(key))
+        except ClientError as error:
+            if _s3_missing(error):
+                raise FileNotFoundError(f"No blob at {key!r}") from error
+            raise
+        # Streamed: the body is read from the connection as the caller reads, CHUNK_SIZE at a
+        # time, whatever size the caller asks for (FileResponse asks for 4 KiB).
+        return io.BufferedReader(_S3Raw(response["Body"]), buffer_size=CHUNK_SIZE)
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self.object_key(key))  # S3 answers 204 for a missing key
+
+
+_s3_clients: dict[tuple[str | None, str | None], Any] = {}
+_s3_clients_lock = threading.Lock()
+
+
+def s3_client(endpoint_url: str | None = None, region: str | None = None) -> Any:
+    """One boto3 S3 client per (endpoint, region), shared by every thread.
+
+    A client is thread-safe once made, but making one from boto3's default session is not,
+    so each is made from a session of its own, under a lock. Credentials come from boto3's
+    standard chain (environment, shared files, instance or pod role), never from settings.
+    """
+    cache_key = (endpoint_url or None, region or None)
+    with _s3_clients_lock:
+        client = _s3_clients.get(cache_key)
+        if client is None:
+            import boto3
+            from botocore.config import Config
+
+            # Path-style addressing for a custom endpoint: MinIO and most S3 look-alikes
+            # serve buckets under the path, not as sub-domains of their host.
+            config = Config(retries={"mode": "standard"},
+                            s3={"addressing_style": "path" if endpoint_url else "auto"})
+            client = boto3.session.Session().client("s3", endpoint_url=endpoint_url or None,
+                                                    region_name=region or None, config=config)
+            _s3_clients[cache_key] = client
+        return client
+
 
 def blob_store() -> BlobStore:
     """The configured store (read from settings on each call, so tests may point it elsewhere)."""
-    return LocalBlobStore(settings.CUMULUS_BLOB_DIR)
+    kind = settings.CUMULUS_BLOB_STORE
+    if kind == "s3":
+        if not settings.CUMULUS_BLOB_S3_BUCKET:
+            raise ImproperlyConfigured("CUMULUS_BLOB_STORE=s3 needs CUMULUS_BLOB_S3_BUCKET.")
+        client = s3_client(settings.CUMULUS_BLOB_S3_ENDPOINT_URL, settings.CUMULUS_BLOB_S3_REGION)
+        return S3BlobStore(client, settings.CUMULUS_BLOB_S3_BUCKET, settings.CUMULUS_BLOB_S3_PREFIX)
+    if kind == "local":
+        return LocalBlobStore(settings.CUMULUS_BLOB_DIR)
+    raise ImproperlyConfigured(f"CUMULUS_BLOB_STORE is 'local' or 's3', not {kind!r}.")

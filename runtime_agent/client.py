@@ -92,7 +92,7 @@ class AgentClient:
                       chunk_size: int = 1024 * 1024) -> int:
         """Stream a blob of this node's workspace into `out`; returns the byte count (the caller verifies the hash)."""
         with self._open("GET", f"/nodes/{node_id}/blobs/{sha256}", token=node_token, timeout_s=60.0,
-                        accept="application/octet-stream") as response:
+                        accept="*/*") as response:
             size = 0
             while chunk := response.read(chunk_size):
                 out.write(chunk)

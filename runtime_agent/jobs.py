@@ -51,6 +51,7 @@ POLL_S = 0.5  # Ray status and log check
 LOG_CHUNK = 512 * 1024  # bytes per report
 DOWNLOAD_WORKERS = 8
 REPORT_RETRY_S = 1.0
+PREAMBLE_SCAN = 64 * 1024  # Ray's own lines at the top of a driver log are well within this
 SMALL_FILE = 1024 * 1024  # files below this are deflated in the archive; larger ones are stored
 TOP_DIR = "project"  # the archive's single top-level folder: Ray strips it, whatever the project holds
 RAY_TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -261,6 +262,8 @@ class JobRunner:
     stop_requested: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
     log_offset: int = 0
+    # Bytes at the head of Ray's driver log that are Ray's, not the program's (see _preamble_end).
+    log_skip: int | None = None
     _stopped_in_ray: bool = False
 
     @property
@@ -372,18 +375,38 @@ class JobRunner:
     def _log_path(self) -> str:
         return os.path.join(self.ctx.ray_temp_dir, "session_latest", "logs", f"job-driver-{self.sid}.log")
 
-    def _read_log(self) -> bytes:
+    def _preamble_end(self, fh: Any, final: bool) -> int | None:
+        """Where the program's own output starts in Ray's driver log.
+
+        Ray's job manager writes its own lines first ("Runtime env is setting up.", then
+        "Running entrypoint for job <id>: <command>"); the user asked for their program's output,
+        as on their laptop. None while that line is not complete yet (unless the job is over).
+        """
+        head = fh.read(PREAMBLE_SCAN)
+        marker = f"Running entrypoint for job {self.sid}: ".encode()
+        at = head.find(marker)
+        if at >= 0:
+            end = head.find(b"\n", at)
+            if end >= 0:
+                return end + 1
+        return 0 if final or len(head) >= PREAMBLE_SCAN or self.log_offset > 0 else None
+
+    def _read_log(self, final: bool = False) -> bytes:
         """The driver log from `log_offset` (the control plane's end), at most one chunk."""
         try:
             with open(self._log_path(), "rb") as fh:
-                fh.seek(self.log_offset)
+                if self.log_skip is None:
+                    self.log_skip = self._preamble_end(fh, final)
+                    if self.log_skip is None:
+                        return b""
+                fh.seek(self.log_skip + self.log_offset)
                 return fh.read(LOG_CHUNK)
         except FileNotFoundError:
             return b""
 
     def _send_logs(self, until_eof: bool) -> None:
         while True:
-            data = self._read_log()
+            data = self._read_log(final=until_eof)
             if not data:
                 return
             before = self.log_offset

@@ -122,6 +122,12 @@ def build_start_env(*, node_key: str, ports: RayPorts, base: dict[str, str] | No
     env["AUTOSCALER_METRIC_PORT"] = str(ports.autoscaler_metrics)
     env["DASHBOARD_METRIC_PORT"] = str(ports.dashboard_metrics)
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # Jobs run shell commands (`python train.py`): their `python` must be the one that runs Ray here,
+    # with the bundled Ray importable, whatever else the host's PATH holds.
+    bin_dir = os.path.dirname(sys.executable)
+    path = env.get("PATH", os.defpath)
+    if path.split(os.pathsep)[0] != bin_dir:
+        env["PATH"] = bin_dir + os.pathsep + path
     return env
 
 

@@ -13,6 +13,7 @@ def index(request: HttpRequest) -> JsonResponse:
     """What a person or a script finds at the root: where everything is."""
     return JsonResponse({
         "name": "Cumulus",
+        "console": "/console/",
         "api": "/api/v1/",
         "schema": "/api/schema/",
         "docs": "/api/docs/",

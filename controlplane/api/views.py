@@ -22,7 +22,7 @@ from controlplane.api.serializers import (
     WorkspaceSerializer,
     WorkspaceUpdateInput,
 )
-from controlplane.choices import Role, role_at_least
+from controlplane.choices import Role, owner_role_change_allowed, role_at_least
 from controlplane.models import ApiToken, Membership, Workspace
 
 
@@ -127,8 +127,8 @@ class MemberViewSet(WorkspaceScopedViewSet):
         return Response(status=status.HTTP_204_NO_CONTENT)
 
     def _guard_owner_change(self, new_role: str | None, membership: Membership | None = None) -> None:
-        touches_owner = new_role == Role.OWNER or (membership is not None and membership.role == Role.OWNER)
-        if touches_owner and self.membership.role != Role.OWNER:
+        current = membership.role if membership is not None else None
+        if not owner_role_change_allowed(actor_role=self.membership.role, new_role=new_role, current_role=current):
             raise exceptions.PermissionDenied("Only an owner can grant, change or remove the owner role.")
 
     def initial(self, request: Request, *args, **kwargs) -> None:

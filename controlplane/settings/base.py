@@ -38,19 +38,25 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "drf_spectacular",
+    "django_htmx",
     "controlplane",
     "clusters",
     "projects",
+    "frontend",
 ]
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Static files (the console's CSS and htmx, the admin's) straight from the web process: no CDN and
+    # no separate file server to set up, so `make run` and an air-gapped install look the same.
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",
 ]
 
 ROOT_URLCONF = "controlplane.urls"
@@ -102,6 +108,15 @@ USE_I18N = True
 USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = DATA_DIR / "static"
+# Served from the apps' static folders as found at start-up, so no collectstatic step is needed
+# (a collectstatic into STATIC_ROOT is served too; the folder exists so that WhiteNoise does not warn).
+WHITENOISE_USE_FINDERS = True
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)
+
+# --- Web console (frontend/) ----------------------------------------------------------
+LOGIN_URL = "frontend:login"
+LOGIN_REDIRECT_URL = "frontend:home"
+LOGOUT_REDIRECT_URL = "frontend:login"
 
 # --- REST API -------------------------------------------------------------------------
 REST_FRAMEWORK = {
@@ -192,6 +207,18 @@ CUMULUS_LOCAL_NODES_DIR = env.str("CUMULUS_LOCAL_NODES_DIR", default=str(DATA_DI
 # Project sync: blobs live in this folder (keys `<workspace id>/<sha[:2]>/<sha>`), each at most this big.
 CUMULUS_BLOB_DIR = env.str("CUMULUS_BLOB_DIR", default=str(DATA_DIR / "blobs"))
 CUMULUS_BLOB_MAX_BYTES = env.int("CUMULUS_BLOB_MAX_BYTES", default=2 * 1024**3)
+# Where blob bytes live: `local` (the folder above) or `s3` (a bucket, for web processes that share
+# no disk). The s3 store takes its credentials from boto3's standard chain (environment, shared
+# files, instance or pod role), never from settings, and so its region when CUMULUS_BLOB_S3_REGION is empty.
+CUMULUS_BLOB_STORE = env.str("CUMULUS_BLOB_STORE", default="local")
+CUMULUS_BLOB_S3_BUCKET = env.str("CUMULUS_BLOB_S3_BUCKET", default="")
+CUMULUS_BLOB_S3_PREFIX = env.str("CUMULUS_BLOB_S3_PREFIX", default="")  # a folder in the bucket: `cumulus/blobs`
+CUMULUS_BLOB_S3_ENDPOINT_URL = env.str("CUMULUS_BLOB_S3_ENDPOINT_URL", default="")  # MinIO and other look-alikes
+CUMULUS_BLOB_S3_REGION = env.str("CUMULUS_BLOB_S3_REGION", default="")
+if CUMULUS_BLOB_STORE not in ("local", "s3"):
+    from django.core.exceptions import ImproperlyConfigured
+
+    raise ImproperlyConfigured(f"CUMULUS_BLOB_STORE is 'local' or 's3', not {CUMULUS_BLOB_STORE!r}.")
 # Jobs: each job's log is kept up to this many bytes; the rest is dropped with a note.
 CUMULUS_JOB_LOG_MAX_BYTES = env.int("CUMULUS_JOB_LOG_MAX_BYTES", default=256 * 1024**2)
 # JSON bodies are read whole: a snapshot manifest of 100,000 files needs more than Django's 2.5 MB.

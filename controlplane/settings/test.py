@@ -19,5 +19,7 @@ if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
 
 REST_FRAMEWORK = {**REST_FRAMEWORK, "DEFAULT_THROTTLE_RATES": {"user_burst": "100000/min"}}
 
-# Blobs of the fast layer go to a folder of their own (tests/projects points it at tmp_path).
+# Blobs of the fast layer go to a folder of their own (tests/projects points it at tmp_path), whatever
+# store the environment names: the s3 tests bring their own bucket on loopback.
+CUMULUS_BLOB_STORE = "local"
 CUMULUS_BLOB_DIR = str(DATA_DIR / "test-blobs")

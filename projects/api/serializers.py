@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from django.core.validators import RegexValidator
 from rest_framework import serializers
 
@@ -38,6 +40,13 @@ class BlobOut(serializers.Serializer):
     created = serializers.BooleanField(help_text="False when the workspace already had this blob.")
 
 
+class BlobBatchOut(serializers.Serializer):
+    created = serializers.ListField(child=serializers.CharField(), help_text="Blobs stored and new to the workspace.")
+    existing = serializers.ListField(child=serializers.CharField(), help_text="Blobs the workspace already had.")
+    mismatched = serializers.ListField(child=serializers.CharField(),
+                                       help_text="Blobs whose bytes did not hash to their SHA-256: not stored.")
+
+
 def _refuse_long_list(data: object, key: str, limit: int) -> None:
     """Refuse an over-long list before validating each of its items (100,001 of them take seconds)."""
     if isinstance(data, dict) and isinstance(data.get(key), list) and len(data[key]) > limit:
@@ -68,12 +77,46 @@ class SnapshotFileIn(StrictSerializer):
     mode = StrictIntegerField(min_value=0, max_value=0o7777, help_text="Permission bits, e.g. 420 (0o644).")
 
 
+_FILE_KEYS = frozenset(("path", "sha256", "size", "mode"))
+_SHA256_RE = re.compile(rf"{SHA256_REGEX}\Z")
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def _plain_manifest(data: object) -> list[dict] | None:
+    """The manifest as it is, if every entry passes exactly the checks of SnapshotFileIn; else None.
+
+    The nested serializer costs about 60 microseconds per entry, most of a 10,000-file sync's
+    snapshot; a manifest from cloudctl is always well-formed, so it takes this path, and any
+    other input takes the serializer's, which builds the per-field errors.
+    """
+    if not isinstance(data, dict) or data.keys() != {"files"} or not isinstance(data["files"], list):
+        return None
+    seen: set[str] = set()
+    for f in data["files"]:
+        if type(f) is not dict or f.keys() != _FILE_KEYS:
+            return None
+        path, sha256, size, mode = f["path"], f["sha256"], f["size"], f["mode"]
+        if (type(path) is not str or type(sha256) is not str or type(size) is not int or type(mode) is not int
+                or not 0 < len(path) <= MAX_PATH or not _SHA256_RE.match(sha256) or size < 0
+                or not 0 <= mode <= 0o7777 or path in seen):
+            return None
+        if (path.startswith("/") or "\x00" in path or "\\" in path
+                or (not path.isascii() and _SURROGATE_RE.search(path))
+                or any(s in ("", ".", "..") for s in path.split("/"))):
+            return None
+        seen.add(path)
+    return data["files"]
+
+
 class SnapshotCreate(StrictSerializer):
     files = serializers.ListField(child=SnapshotFileIn(), max_length=MAX_SNAPSHOT_FILES,
                                   help_text=f"The manifest, at most {MAX_SNAPSHOT_FILES} files.")
 
     def to_internal_value(self, data):
         _refuse_long_list(data, "files", MAX_SNAPSHOT_FILES)
+        plain = _plain_manifest(data)
+        if plain is not None:
+            return {"files": plain}
         return super().to_internal_value(data)
 
     def validate_files(self, files: list[dict]) -> list[dict]:

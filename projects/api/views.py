@@ -19,6 +19,7 @@ from controlplane.api.schema import errors
 from projects import services
 from projects.api.serializers import (
     SHA256_REGEX,
+    BlobBatchOut,
     BlobOut,
     BlobsMissingIn,
     BlobsMissingOut,
@@ -63,6 +64,21 @@ class BlobViewSet(WorkspaceScopedViewSet):
     def missing(self, request: Request, ws: str) -> Response:
         hashes = BlobsMissingIn.validated(request.data)["sha256"]
         return Response({"missing": services.blobs_missing(workspace=self.workspace, hashes=hashes)})
+
+    @extend_schema(
+        request={"application/octet-stream": OpenApiTypes.BINARY},
+        responses={200: BlobBatchOut, **errors(400, 401, 403, 404, 413)},
+        description="Upload many blobs in one request, for projects of many small files. The body is, per blob, "
+                    "a header of 80 ASCII characters (the SHA-256 as 64 lowercase hexadecimal digits, then the "
+                    "size in bytes as 16 hexadecimal digits) followed by the blob's bytes; at most "
+                    f"{services.MAX_BATCH_BLOBS} blobs. Each is hashed as it arrives; one whose bytes do not match "
+                    "is not stored and is listed in `mismatched`, the others are kept.",
+    )
+    @action(detail=False, methods=["post"], parser_classes=[OctetStreamParser])
+    def batch(self, request: Request, ws: str) -> Response:
+        result = services.blobs_upload_batch(workspace=self.workspace, stream=request.stream, actor=self.actor,
+                                             max_bytes=settings.CUMULUS_BLOB_MAX_BYTES)
+        return Response({"created": result.created, "existing": result.existing, "mismatched": result.mismatched})
 
     @extend_schema(
         request={"application/octet-stream": OpenApiTypes.BINARY},

@@ -35,7 +35,8 @@ BODIES = {  # a valid body per (route, method): a 404 must not depend on validat
     ("clusters/{name}/", "patch"): {"tags": {"owned": "yes"}},
     ("", "patch"): {"name": "Renamed"},
     ("blobs/missing/", "post"): {"sha256": [hashlib.sha256(b"secret").hexdigest()]},
-    ("clusters/{name}/jobs/", "post"): {"snapshot": "6f1c0a4e-2b1d-4a8e-9a53-1f0c2d3e4b5a", "entrypoint": "python x.py"},
+    ("clusters/{name}/jobs/", "post"): {"snapshot": "6f1c0a4e-2b1d-4a8e-9a53-1f0c2d3e4b5a",
+                                        "entrypoint": "python x.py"},
     ("snapshots/", "post"): {"files": [{"path": "s.py", "sha256": hashlib.sha256(b"secret").hexdigest(),
                                         "size": 6, "mode": 420}]},
 }
@@ -124,7 +125,8 @@ def test_routes_walked_cover_every_workspace_resource():
     assert {"", "members/", "members/{user}/", "clusters/", "clusters/{name}/", "clusters/{name}/start/",
             "clusters/{name}/stop/", "clusters/{name}/nodes/", "clusters/{name}/events/", "blobs/missing/",
             "blobs/{sha256}/", "snapshots/", "snapshots/{snapshot_id}/", "clusters/{name}/jobs/",
-            "clusters/{name}/jobs/{job_id}/", "clusters/{name}/jobs/{job_id}/logs/", "clusters/{name}/jobs/{job_id}/stop/",
+            "clusters/{name}/jobs/{job_id}/", "clusters/{name}/jobs/{job_id}/logs/",
+            "clusters/{name}/jobs/{job_id}/stop/",
             "jobs/", "jobs/{job_id}/", "jobs/{job_id}/logs/", "jobs/{job_id}/stop/"} <= shapes
 
 

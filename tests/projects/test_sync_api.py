@@ -1,10 +1,13 @@
-"""Blobs and snapshots over the API: content-addressed, verified, per workspace."""
+"""Blobs and snapshots over the API: content-addressed, verified, per workspace.
+
+Tests that store bytes take the `store` fixture and so run against both blob stores: the local
+folder and S3 (moto's server on loopback); `store` looks at what each really holds.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import uuid
-from pathlib import Path
 
 import pytest
 
@@ -13,6 +16,7 @@ from controlplane.models import AuditEvent, Workspace
 from projects.models import Blob, Snapshot, SnapshotFile
 from tests.conftest import Api, api_for
 from tests.factories import MembershipFactory, WorkspaceFactory
+from tests.projects.conftest import StoreProbe
 
 pytestmark = pytest.mark.django_db
 
@@ -26,15 +30,11 @@ def put_blob(api: Api, ws: str, data: bytes, digest: str | None = None, **extra)
                           content_type="application/octet-stream", **extra)
 
 
-def stored_files(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
-
-
 def entry(path: str, data: bytes, mode: int = 0o644) -> dict:
     return {"path": path, "sha256": sha(data), "size": len(data), "mode": mode}
 
 
-def test_upload_then_missing_round_trip(api: Api, workspace: Workspace, blob_dir: Path):
+def test_upload_then_missing_round_trip(api: Api, workspace: Workspace, store: StoreProbe):
     a, b = b"print('hello')\n", b"import os\n"
     base = f"workspaces/{workspace.slug}/blobs/missing"
     assert api.post(base, {"sha256": [sha(a), sha(b), sha(a)]}).json() == {"missing": [sha(a), sha(b)]}
@@ -42,7 +42,7 @@ def test_upload_then_missing_round_trip(api: Api, workspace: Workspace, blob_dir
     assert uploaded.status_code == 201, uploaded.content
     assert uploaded.json() == {"sha256": sha(a), "size": len(a), "created": True}
     assert api.post(base, {"sha256": [sha(a), sha(b)]}).json() == {"missing": [sha(b)]}
-    assert (blob_dir / str(workspace.pk) / sha(a)[:2] / sha(a)).read_bytes() == a
+    assert store.read(f"{workspace.pk}/{sha(a)[:2]}/{sha(a)}") == a
     fetched = api.get(f"workspaces/{workspace.slug}/blobs/{sha(a)}")
     assert fetched.status_code == 200
     assert fetched["Content-Type"] == "application/octet-stream"
@@ -50,43 +50,46 @@ def test_upload_then_missing_round_trip(api: Api, workspace: Workspace, blob_dir
     assert AuditEvent.objects.filter(workspace=workspace, action="blob.upload", target_id=sha(a)).count() == 1
 
 
-def test_the_same_blob_twice_is_stored_once(api: Api, workspace: Workspace, blob_dir: Path):
+def test_the_same_blob_twice_is_stored_once(api: Api, workspace: Workspace, store: StoreProbe):
     data = b"x" * 3_000_000  # several chunks
     assert put_blob(api, workspace.slug, data).status_code == 201
     again = put_blob(api, workspace.slug, data)
     assert again.status_code == 200 and again.json()["created"] is False
     assert Blob.objects.filter(workspace=workspace).count() == 1
-    assert len(stored_files(blob_dir)) == 1
+    assert len(store.contents()) == 1
 
 
-def test_an_empty_blob_is_a_blob(api: Api, workspace: Workspace):
+def test_an_empty_blob_is_a_blob(api: Api, workspace: Workspace, store: StoreProbe):
     assert put_blob(api, workspace.slug, b"").status_code == 201
     assert Blob.objects.get(workspace=workspace).size == 0
+    assert store.read(f"{workspace.pk}/{sha(b'')[:2]}/{sha(b'')}") == b""
+    fetched = api.get(f"workspaces/{workspace.slug}/blobs/{sha(b'')}")
+    assert fetched.status_code == 200 and b"".join(fetched.streaming_content) == b""
 
 
 def test_a_body_that_does_not_match_its_hash_is_refused_and_nothing_stored(
-    api: Api, workspace: Workspace, blob_dir: Path
+    api: Api, workspace: Workspace, store: StoreProbe
 ):
     response = put_blob(api, workspace.slug, b"the real bytes", digest=sha(b"other bytes"))
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "hash_mismatch"
     assert sha(b"the real bytes") in response.json()["error"]["message"]
     assert not Blob.objects.exists()
-    assert stored_files(blob_dir) == []
+    assert store.contents() == []
     assert not AuditEvent.objects.filter(action="blob.upload").exists()
 
 
-def test_a_blob_over_the_limit_is_413_and_nothing_stored(api: Api, workspace: Workspace, blob_dir: Path,
+def test_a_blob_over_the_limit_is_413_and_nothing_stored(api: Api, workspace: Workspace, store: StoreProbe,
                                                          settings):
     settings.CUMULUS_BLOB_MAX_BYTES = 10
     response = put_blob(api, workspace.slug, b"eleven byte")
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "too_large"
-    assert not Blob.objects.exists() and stored_files(blob_dir) == []
+    assert not Blob.objects.exists() and store.contents() == []
     assert put_blob(api, workspace.slug, b"ten bytes!").status_code == 201
 
 
-def test_the_limit_holds_when_the_declared_length_lies(workspace: Workspace, blob_dir: Path, settings):
+def test_the_limit_holds_when_the_declared_length_lies(workspace: Workspace, store: StoreProbe, settings):
     # the streaming check, not only Content-Length
     from controlplane.services import Actor
     from projects import services
@@ -95,7 +98,7 @@ def test_the_limit_holds_when_the_declared_length_lies(workspace: Workspace, blo
     with pytest.raises(services.TooLarge):
         services.blob_upload(workspace=workspace, sha256=sha(b"a" * 20), chunks=[b"a" * 8, b"a" * 12],
                              actor=Actor(user=None))
-    assert stored_files(blob_dir) == [] and not Blob.objects.exists()
+    assert store.contents() == [] and not Blob.objects.exists()
 
 
 def test_missing_validates_its_input(api: Api, workspace: Workspace):
@@ -107,7 +110,7 @@ def test_missing_validates_its_input(api: Api, workspace: Workspace):
         assert response.json()["error"]["code"] == "validation_error"
 
 
-def test_a_snapshot_records_its_manifest(api: Api, workspace: Workspace, user):
+def test_a_snapshot_records_its_manifest(api: Api, workspace: Workspace, user, store: StoreProbe):
     main, helper = b"import helper\n", b"X = 1\n"
     for data in (main, helper):
         assert put_blob(api, workspace.slug, data).status_code == 201
@@ -203,7 +206,7 @@ def test_an_unknown_snapshot_is_404(api: Api, workspace: Workspace):
         assert response.json()["error"]["code"] == "not_found"
 
 
-def test_another_workspaces_blobs_and_snapshots_are_invisible(api: Api, workspace: Workspace):
+def test_another_workspaces_blobs_and_snapshots_are_invisible(api: Api, workspace: Workspace, store: StoreProbe):
     # given: workspace B with a blob and a snapshot
     other = WorkspaceFactory(slug="bravo")
     theirs = api_for(MembershipFactory(workspace=other, role=Role.OWNER).user)
@@ -225,9 +228,12 @@ def test_another_workspaces_blobs_and_snapshots_are_invisible(api: Api, workspac
     # uploading the same bytes to A stores A's own copy
     assert put_blob(api, mine, secret).status_code == 201
     assert Blob.objects.filter(sha256=sha(secret)).count() == 2
+    assert store.read(f"{workspace.pk}/{sha(secret)[:2]}/{sha(secret)}") == secret
+    assert store.read(f"{other.pk}/{sha(secret)[:2]}/{sha(secret)}") == secret
 
 
-def test_a_viewer_reads_but_cannot_upload_or_snapshot(workspace: Workspace, api: Api, member_api, blob_dir):
+def test_a_viewer_reads_but_cannot_upload_or_snapshot(workspace: Workspace, api: Api, member_api,
+                                                       store: StoreProbe):
     data = b"shared"
     put_blob(api, workspace.slug, data)
     viewer = member_api(workspace, Role.VIEWER)
@@ -237,7 +243,7 @@ def test_a_viewer_reads_but_cannot_upload_or_snapshot(workspace: Workspace, api:
     assert viewer.post(f"workspaces/{workspace.slug}/snapshots/", {"files": []}).status_code == 403
     assert viewer.post(f"workspaces/{workspace.slug}/blobs/missing", {"sha256": []}).status_code == 403
     assert viewer.get(f"workspaces/{workspace.slug}/blobs/{sha(data)}").status_code == 200
-    assert Blob.objects.count() == 1 and len(stored_files(blob_dir)) == 1
+    assert Blob.objects.count() == 1 and len(store.contents()) == 1
     member = member_api(workspace, Role.MEMBER)
     assert put_blob(member, workspace.slug, b"member bytes").status_code == 201
 

@@ -7,6 +7,7 @@ import os
 import random
 import socket
 import stat
+import sys
 
 import pytest
 
@@ -93,6 +94,12 @@ def test_start_env_carries_the_node_marker_and_the_env_only_ports() -> None:
     env = build_start_env(node_key="k1", ports=PORTS, base={"PATH": "/bin"})
     assert env["CUMULUS_NODE_KEY"] == "k1"
     assert env["AUTOSCALER_METRIC_PORT"] == "20010" and env["DASHBOARD_METRIC_PORT"] == "20011"
+
+
+def test_a_jobs_python_is_the_one_that_runs_ray() -> None:
+    env = build_start_env(node_key="k1", ports=PORTS, base={"PATH": "/usr/bin:/bin"})
+    assert env["PATH"] == f"{os.path.dirname(sys.executable)}:/usr/bin:/bin"
+    assert build_start_env(node_key="k1", ports=PORTS, base=env)["PATH"] == env["PATH"]  # not added twice
 
 
 def test_temp_dir_is_short_enough_for_unix_sockets() -> None:

@@ -63,7 +63,7 @@ class Command(BaseCommand):
         try:
             plane.wait_healthy()
             url = plane.url
-            self.stdout.write(f"Cumulus control plane: {url}/")
+            self.stdout.write(f"Cumulus console:       {url}/console/")
             self.stdout.write(f"API:                   {url}/api/v1/   (docs: {url}/api/docs/)")
             self.stdout.write(f"Admin console:         {url}/admin/")
             self.stdout.write(f"Data directory:        {settings.DATA_DIR}  (logs in logs/)")

@@ -1,0 +1,529 @@
+"""`cloudctl sync`: the walk, the hash cache and the size cap on their own, then whole syncs against the real API."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from django.core.signals import request_started
+from typer.testing import CliRunner
+
+from cloudctl import sync
+from cloudctl.client import Client
+from cloudctl.errors import CloudctlError
+from cloudctl.main import app
+from cloudctl.sync import FileEntry, HashCache, check_size, hash_entries, human_size, parse_size, walk_project
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    for var in ("CLOUDCTL_URL", "CLOUDCTL_TOKEN", "CLOUDCTL_WORKSPACE", "CLOUDCTL_SYNC_MAX_BYTES"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def write(root: Path, rel: str, data: bytes | str = b"x", mode: int | None = None) -> Path:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    if mode is not None:
+        path.chmod(mode)
+    return path
+
+
+def paths(root: Path, excludes: list[str] | None = None) -> list[str]:
+    return [e.path for e in walk_project(root, excludes or [])]
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    root = tmp_path / "proj"
+    root.mkdir()
+    return root
+
+
+# -- the walk -------------------------------------------------------------------------------------
+
+
+def test_nested_gitignore_applies_relative_to_its_own_directory(project: Path):
+    # given
+    write(project, ".gitignore", "*.log\n/build/\n")
+    write(project, "app.log")
+    write(project, "build/out.bin")
+    write(project, "src/build/keep.py")  # `/build/` is anchored to the root's .gitignore
+    write(project, "src/.gitignore", "/generated/\nlocal.cfg\n")
+    write(project, "src/generated/x.py")
+    write(project, "src/local.cfg")
+    write(project, "src/pkg/local.cfg")  # an unanchored pattern matches below its directory too
+    write(project, "generated/top.py")  # src/.gitignore's /generated/ does not reach up here
+    write(project, "main.py")
+    # when / then
+    assert paths(project) == [".gitignore", "generated/top.py", "main.py", "src/.gitignore", "src/build/keep.py"]
+
+
+def test_a_negation_keeps_a_file_and_a_deeper_file_has_the_last_word(project: Path):
+    write(project, ".gitignore", "*.txt\n!keep.txt\n")
+    write(project, "drop.txt")
+    write(project, "keep.txt")
+    write(project, "docs/keep.txt")
+    write(project, "docs/notes.txt")
+    write(project, "docs/.gitignore", "!notes.txt\n")
+    assert paths(project) == [".gitignore", "docs/.gitignore", "docs/keep.txt", "docs/notes.txt", "keep.txt"]
+
+
+def test_cloudignore_and_job_excludes(project: Path):
+    write(project, ".gitignore", "secret.env\n")
+    write(project, ".cloudignore", "data/\n!secret.env\n")  # read after .gitignore: it may re-include
+    write(project, "secret.env")
+    write(project, "data/big.csv")
+    write(project, "notebooks/scratch.ipynb")
+    write(project, "notebooks/keep.ipynb")
+    write(project, "main.py")
+    assert paths(project, ["notebooks/scratch.ipynb", "*.pyc"]) == [
+        ".cloudignore", ".gitignore", "main.py", "notebooks/keep.ipynb", "secret.env"]
+    # job.excludes outranks the ignore files
+    assert "secret.env" not in paths(project, ["secret.env"])
+
+
+def test_git_is_always_skipped_and_its_info_exclude_honoured(project: Path):
+    write(project, ".git/HEAD", "ref: refs/heads/main\n")
+    write(project, ".git/info/exclude", "scratch/\n")
+    write(project, "scratch/tmp.py")
+    write(project, "vendor/lib/.git", "gitdir: ../../.git/modules/lib\n")  # a submodule's .git file
+    write(project, "vendor/lib/lib.py")
+    write(project, "main.py")
+    assert paths(project, ["!.git"]) == ["main.py", "vendor/lib/lib.py"]
+
+
+def test_a_symlink_to_a_file_inside_is_followed(project: Path):
+    write(project, "real/config.yaml", "a: 1\n", mode=0o600)
+    (project / "config.yaml").symlink_to("real/config.yaml")
+    (project / "linked").symlink_to("real", target_is_directory=True)
+    entries = {e.path: e for e in walk_project(project)}
+    assert set(entries) == {"config.yaml", "linked/config.yaml", "real/config.yaml"}
+    assert entries["config.yaml"].size == 5 and entries["config.yaml"].mode == 0o600
+    assert entries["config.yaml"].source == str((project / "real/config.yaml").resolve())
+
+
+@pytest.mark.parametrize("kind", ["file", "dir", "broken", "loop"])
+def test_a_symlink_out_of_the_project_is_refused_with_one_sentence(project: Path, tmp_path: Path, kind: str):
+    outside = tmp_path / "outside"
+    write(outside, "secret.txt", "s")
+    write(project, "main.py")
+    link = project / "sub" / "link"
+    link.parent.mkdir()
+    target = {"file": outside / "secret.txt", "dir": outside, "broken": project / "gone.txt",
+              "loop": project / "sub"}[kind]
+    link.symlink_to(target)
+    with pytest.raises(CloudctlError) as info:
+        walk_project(project)
+    message = info.value.message
+    assert "sub/link" in message and "\n" not in message and message.endswith(".")
+    assert {"file": "outside the project", "dir": "outside the project", "broken": "broken",
+            "loop": "loop"}[kind] in message
+    # an ignored link is never looked at
+    write(project, ".cloudignore", "sub/link\n")
+    assert paths(project) == [".cloudignore", "main.py"]
+
+
+def test_the_executable_bit_is_recorded(project: Path):
+    write(project, "run.sh", "#!/bin/sh\n", mode=0o755)
+    write(project, "lib.py", "", mode=0o644)
+    modes = {e.path: e.mode for e in walk_project(project)}
+    assert modes == {"lib.py": 0o644, "run.sh": 0o755}
+
+
+def test_special_files_are_skipped(project: Path):
+    os.mkfifo(project / "pipe")
+    write(project, "main.py")
+    assert paths(project) == ["main.py"]
+
+
+@pytest.mark.parametrize(("name", "words"), [(b"caf\xe9.txt", "not valid UTF-8"), (b"a\\b.txt", "backslash")])
+def test_a_name_no_snapshot_path_can_hold_is_refused_unless_ignored(project: Path, name: bytes, words: str):
+    with open(os.path.join(os.fsencode(project), name), "wb") as f:
+        f.write(b"x")
+    with pytest.raises(CloudctlError, match=words):
+        walk_project(project)
+    write(project, ".cloudignore", "*.txt\n")
+    assert paths(project) == [".cloudignore"]
+
+
+def test_an_invalid_pattern_is_one_sentence(project: Path):
+    write(project, ".cloudignore", "!\n")
+    with pytest.raises(CloudctlError, match=r"^\.cloudignore has a pattern git would not accept"):
+        walk_project(project)
+
+
+# -- sizes and the cap ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("500M", 500 * 1024**2), ("2G", 2 * 1024**3), ("2GiB", 2 * 1024**3), ("1.5gb", int(1.5 * 1024**3)),
+    ("100k", 102400), ("1048576", 1048576), (" 3 T ", 3 * 1024**4),
+])
+def test_sizes_are_parsed(text: str, value: int):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "lots", "-1G", "0", "2X", "1.2.3M"])
+def test_a_bad_size_is_one_sentence(text: str):
+    with pytest.raises(CloudctlError, match="--max-size"):
+        parse_size(text)
+
+
+def test_human_sizes():
+    assert [human_size(n) for n in (0, 999, 12 * 1024, 312.4 * 1024**2, 2 * 1024**3)] == [
+        "0 B", "999 B", "12 KB", "312.4 MB", "2.0 GB"]
+
+
+def test_over_the_cap_lists_the_ten_largest_and_hints_at_cloudignore():
+    entries = [FileEntry(path=f"data/f{i:02d}.bin", source="", size=(i + 1) * 1024**2, mtime_ns=0, mode=0o644)
+               for i in range(15)]
+    with pytest.raises(CloudctlError) as info:
+        check_size(entries, 100 * 1024**2)
+    error = info.value
+    assert error.message == ("The project is 120.0 MB in 15 files, over the sync limit of 100.0 MB; nothing was "
+                             "uploaded.")
+    listed = [line.split()[-1] for line in error.details[1:-1]]
+    assert listed == [f"data/f{i:02d}.bin" for i in range(14, 4, -1)]
+    assert error.details[1].strip() == "15.0 MB  data/f14.bin"
+    assert ".cloudignore" in error.details[-1] and "--max-size" in error.details[-1]
+    check_size(entries, 120 * 1024**2)  # exactly at the cap is fine
+
+
+# -- the hash cache -------------------------------------------------------------------------------
+
+
+def make_tree(root: Path, count: int) -> None:
+    for i in range(count):
+        write(root, f"pkg{i % 20}/mod{i}.py", f"value = {i}\n")
+
+
+def test_an_unchanged_tree_hashes_nothing_and_touching_one_file_rehashes_exactly_it(project: Path):
+    # given: a tree hashed once
+    make_tree(project, 200)
+    first = walk_project(project)
+    assert hash_entries(first, HashCache.load(str(project))) == 200
+    HashCache.load(str(project)).save(first)
+    # when: nothing changed
+    again = walk_project(project)
+    # then: nothing is read
+    assert hash_entries(again, HashCache.load(str(project))) == 0
+    assert [e.sha256 for e in again] == [e.sha256 for e in first]
+    assert again[0].sha256 == sha((project / again[0].path).read_bytes())
+    # when: one file's mtime moves (same bytes, same size)
+    touched = project / "pkg3/mod3.py"
+    st = touched.stat()
+    os.utime(touched, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    third = walk_project(project)
+    read: list[str] = []
+    original = sync.hash_file
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sync, "hash_file", lambda e: (read.append(e.path), original(e)))
+        assert hash_entries(third, HashCache.load(str(project))) == 1
+    assert read == ["pkg3/mod3.py"]
+
+
+def test_the_cache_is_private_per_root_and_atomic(project: Path, tmp_path: Path):
+    make_tree(project, 3)
+    entries = walk_project(project)
+    hash_entries(entries, HashCache.load(str(project)))
+    HashCache.load(str(project)).save(entries)
+    files = list((tmp_path / "xdg-cache" / "cloudctl").iterdir())
+    assert len(files) == 1 and files[0].name.startswith("sync-") and files[0].suffix == ".json"
+    assert stat.S_IMODE(files[0].stat().st_mode) == 0o600
+    assert json.loads(files[0].read_text())["root"] == str(project)
+    other = tmp_path / "other"
+    make_tree(other, 1)
+    assert hash_entries(walk_project(other), HashCache.load(str(other))) == 1  # another root, another cache
+
+
+@pytest.mark.parametrize("content", ["{not json", "[]", '{"version": 1, "root": "x"}', "\x00\x01", ""])
+def test_a_corrupt_cache_is_ignored(project: Path, content: str):
+    make_tree(project, 5)
+    cache = HashCache.load(str(project))
+    cache.path.parent.mkdir(parents=True, exist_ok=True)
+    cache.path.write_text(content)
+    entries = walk_project(project)
+    assert hash_entries(entries, HashCache.load(str(project))) == 5
+    HashCache.load(str(project)).save(entries)
+    assert hash_entries(walk_project(project), HashCache.load(str(project))) == 0
+
+
+def test_a_file_that_changes_while_being_hashed_is_read_again(project: Path, monkeypatch: pytest.MonkeyPatch):
+    path = write(project, "live.txt", b"one")
+    entry = walk_project(project)[0]
+    real_fstat = os.fstat
+    calls = {"n": 0}
+
+    def fstat(fd: int) -> os.stat_result:
+        calls["n"] += 1
+        if calls["n"] == 2:  # after the first read: someone writes
+            path.write_bytes(b"three")
+        return real_fstat(fd)
+
+    monkeypatch.setattr(sync.os, "fstat", fstat)
+    sync.hash_file(entry)
+    assert entry.sha256 == sha(b"three") and entry.size == 5
+
+
+# -- without a server: what is refused sends nothing ---------------------------------------------
+
+
+class RecordingClient:
+    """Stands in for `Client` where no request may be made at all."""
+
+    url = "http://cp.invalid"
+    workspace = "ws"
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"sync called the API ({name}) for a tree it should have refused")
+
+
+def test_a_refused_tree_sends_nothing(project: Path, tmp_path: Path):
+    write(project, "main.py")
+    (project / "escape").symlink_to(tmp_path)
+    with pytest.raises(CloudctlError, match="outside the project"):
+        sync.sync_project(RecordingClient(), project, progress=False)  # type: ignore[arg-type]
+    (project / "escape").unlink()
+    write(project, "big.bin", b"\0" * 2048)
+    with pytest.raises(CloudctlError, match="over the sync limit of 1 KB"):
+        sync.sync_project(RecordingClient(), project, max_bytes=1024, progress=False)  # type: ignore[arg-type]
+
+
+def test_the_cap_comes_from_the_environment(project: Path, monkeypatch: pytest.MonkeyPatch):
+    write(project, "big.bin", b"\0" * 2048)
+    monkeypatch.setenv("CLOUDCTL_SYNC_MAX_BYTES", "1K")
+    with pytest.raises(CloudctlError, match="over the sync limit of 1 KB"):
+        sync.sync_project(RecordingClient(), project, progress=False)  # type: ignore[arg-type]
+    monkeypatch.setenv("CLOUDCTL_SYNC_MAX_BYTES", "a lot")
+    with pytest.raises(CloudctlError, match="CLOUDCTL_SYNC_MAX_BYTES must be a size"):
+        sync.sync_project(RecordingClient(), project, progress=False)  # type: ignore[arg-type]
+
+
+def test_the_cli_reports_the_cap_and_exits_1(project: Path, monkeypatch: pytest.MonkeyPatch):
+    write(project, "cloud.yaml", yaml.safe_dump({"cluster": {"name": "p"}, "job": {"excludes": ["skip/"]}}))
+    write(project, "data/model.bin", b"\0" * 3000)
+    write(project, "skip/huge.bin", b"\0" * 10_000)
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("CLOUDCTL_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("CLOUDCTL_TOKEN", "cu_x")
+    monkeypatch.setenv("CLOUDCTL_WORKSPACE", "ws")
+    result = runner.invoke(app, ["sync", "--max-size", "2K"])
+    assert result.exit_code == 1
+    assert "over the sync limit of 2 KB; nothing was uploaded." in result.output
+    assert "data/model.bin" in result.output and "skip/huge.bin" not in result.output
+    assert ".cloudignore" in result.output and "Traceback" not in result.output
+    bad = runner.invoke(app, ["sync", "--max-size", "huge"])
+    assert bad.exit_code == 1 and "--max-size must be a size such as 500M or 2G" in bad.output
+
+
+# -- against the real API -------------------------------------------------------------------------
+
+
+class Uploads:
+    """The blob uploads (PUT blobs/{sha}, POST blobs/batch) the server received."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, sender: Any, environ: dict, **kwargs: Any) -> None:
+        path, method = environ.get("PATH_INFO", ""), environ.get("REQUEST_METHOD", "")
+        if "/blobs/" in path and (method == "PUT" or path.endswith("/blobs/batch")):
+            with self.lock:
+                self.requests.append((method, path))
+
+    def clear(self) -> None:
+        with self.lock:
+            self.requests.clear()
+
+
+@pytest.fixture
+def server(live_server: Any, transactional_db: None, settings: Any, tmp_path: Path) -> Iterator[dict]:
+    """A live control plane with a workspace, the owner's token and a Client for it; blob uploads counted."""
+    from controlplane.choices import Role
+    from controlplane.services import token_create
+    from tests.factories import MembershipFactory, UserFactory, WorkspaceFactory
+
+    settings.CUMULUS_BLOB_DIR = str(tmp_path / "blobs")
+    user = UserFactory()
+    workspace = WorkspaceFactory(slug="sync-ws")
+    MembershipFactory(workspace=workspace, user=user, role=Role.OWNER)
+    _, token = token_create(user=user, name="sync-test")
+    uploads = Uploads()
+    request_started.connect(uploads)
+    try:
+        yield {"url": live_server.url, "token": token, "workspace": workspace, "uploads": uploads,
+               "client": Client(live_server.url, token, workspace.slug), "blobs": tmp_path / "blobs"}
+    finally:
+        request_started.disconnect(uploads)
+
+
+def server_snapshot(client: Client, snapshot_id: str) -> dict:
+    return client.request("GET", f"workspaces/{client.workspace}/snapshots/{snapshot_id}/")
+
+
+def test_a_second_sync_uploads_only_the_changed_file_of_5000(server: dict, project: Path):
+    from projects.models import Blob
+
+    # given: a 5,000-file project, synced once
+    client, uploads = server["client"], server["uploads"]
+    for i in range(5000):
+        write(project, f"pkg{i % 50:02d}/mod{i:04d}.py", f"# module {i}\nVALUE = {i}\n")
+    first = sync.sync_project(client, project, progress=False)
+    assert (first.files, first.uploaded_blobs, first.hashed_files) == (5000, 5000, 5000)
+    assert Blob.objects.filter(workspace=server["workspace"]).count() == 5000
+    # when: one file changes
+    uploads.clear()
+    write(project, "pkg07/mod0007.py", "# module 7, edited\nVALUE = 'seven'\n")
+    second = sync.sync_project(client, project, progress=False)
+    # then: exactly one blob is uploaded, and only that file is read
+    assert (second.uploaded_blobs, second.hashed_files, second.files) == (1, 1, 5000)
+    assert second.uploaded_bytes == len("# module 7, edited\nVALUE = 'seven'\n")
+    assert len(uploads.requests) == 1
+    assert Blob.objects.filter(workspace=server["workspace"]).count() == 5001
+    manifest = {f["path"]: f for f in server_snapshot(client, second.snapshot_id)["files"]}
+    assert len(manifest) == 5000
+    assert manifest["pkg07/mod0007.py"]["sha256"] == sha(b"# module 7, edited\nVALUE = 'seven'\n")
+    # when: nothing changes
+    uploads.clear()
+    third = sync.sync_project(client, project, progress=False)
+    # then: nothing is uploaded, nothing hashed, and a snapshot is still recorded
+    assert (third.uploaded_blobs, third.uploaded_bytes, third.hashed_files) == (0, 0, 0)
+    assert uploads.requests == []
+    assert third.snapshot_id not in (first.snapshot_id, second.snapshot_id)
+    assert Blob.objects.filter(workspace=server["workspace"]).count() == 5001
+
+
+def test_the_snapshot_on_the_server_has_the_manifest_with_modes(server: dict, project: Path, tmp_path: Path):
+    client = server["client"]
+    write(project, "run.sh", "#!/bin/sh\necho hi\n", mode=0o755)
+    write(project, "src/app.py", "print('app')\n", mode=0o640)
+    write(project, "src/copy.py", "print('app')\n", mode=0o644)  # the same bytes: one blob
+    write(project, "data/weights.bin", os.urandom(sync.SINGLE_UPLOAD_MIN + 10))  # big enough for its own PUT
+    write(project, "empty.txt", b"")
+    (project / "link.sh").symlink_to("run.sh")
+    write(project, ".cloudignore", "data/*.tmp\n")
+    write(project, "data/scratch.tmp", "x")
+    result = sync.sync_project(client, project, progress=False)
+    assert result.uploaded_blobs == 5  # run.sh (and link.sh), app.py (and copy.py), weights, empty, .cloudignore
+    shown = server_snapshot(client, result.snapshot_id)
+    expected = [
+        {"path": p, "sha256": sha((project / p).read_bytes()), "size": (project / p).stat().st_size, "mode": m}
+        for p, m in [(".cloudignore", 0o644), ("data/weights.bin", 0o644), ("empty.txt", 0o644),
+                     ("link.sh", 0o755), ("run.sh", 0o755), ("src/app.py", 0o640), ("src/copy.py", 0o644)]
+    ]
+    assert shown["files"] == expected
+    assert shown["file_count"] == 7 and shown["total_size"] == result.bytes
+    stored = server["blobs"] / str(server["workspace"].pk)
+    weights = (project / "data/weights.bin").read_bytes()
+    assert (stored / sha(weights)[:2] / sha(weights)).read_bytes() == weights
+
+
+def test_uploads_are_streamed_never_read_whole(server: dict, project: Path, monkeypatch: pytest.MonkeyPatch):
+    # given: a 50 MB file, and a look at what is handed to requests
+    size = 50 * 1024**2
+    write(project, "big.bin", os.urandom(size))
+    write(project, "small.py", "x = 1\n")
+    client = server["client"]
+    bodies: list[Any] = []
+    original = client.session.request
+
+    def spy(method: str, url: str, **kwargs: Any) -> Any:
+        if method in ("PUT", "POST") and "/blobs/" in url and not url.endswith("/missing"):
+            body = kwargs["data"]
+            assert not isinstance(body, bytes | bytearray | memoryview)
+            chunks: list[int] = []
+
+            def counted() -> Iterator[bytes]:
+                for chunk in body:
+                    chunks.append(len(chunk))
+                    yield chunk
+
+            bodies.append((url, len(body), chunks))
+            kwargs["data"] = sync._Body(len(body), counted())
+        return original(method, url, **kwargs)
+
+    monkeypatch.setattr(client.session, "request", spy)
+    # when
+    result = sync.sync_project(client, project, progress=False)
+    # then: the big file went in chunks of at most 1 MiB, with its length declared up front
+    assert result.uploaded_blobs == 2
+    (put,) = [b for b in bodies if not b[0].endswith("/batch")]
+    assert put[1] == size and sum(put[2]) == size and max(put[2]) <= sync.CHUNK
+
+
+def test_a_file_changed_after_hashing_is_hashed_again_and_said_so(
+    server: dict, project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+):
+    write(project, "a.py", "a = 1\n")
+    path = write(project, "b.py", "b = 1\n")
+    original = sync.upload_blobs
+    calls = {"n": 0}
+
+    def edit_then_upload(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:  # the editor saves between the hash and the upload (same size)
+            path.write_text("b = 2\n")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sync, "upload_blobs", edit_then_upload)
+    result = sync.sync_project(server["client"], project, progress=False)
+    assert "b.py changed while it was being synced; hashed it again" in capsys.readouterr().err
+    manifest = {f["path"]: f["sha256"] for f in server_snapshot(server["client"], result.snapshot_id)["files"]}
+    assert manifest == {"a.py": sha(b"a = 1\n"), "b.py": sha(b"b = 2\n")}
+    assert result.hashed_files == 3 and result.uploaded_blobs == 2
+
+
+def test_a_blob_the_server_lost_is_sent_again(server: dict, project: Path):
+    from projects.models import Blob
+
+    write(project, "a.py", "a = 1\n")
+    write(project, "b.py", "b = 1\n")
+    client = server["client"]
+    sync.sync_project(client, project, progress=False)
+    Blob.objects.filter(sha256=sha(b"b = 1\n")).delete()  # e.g. garbage-collected since
+    again = sync.sync_project(client, project, progress=False)
+    assert (again.uploaded_blobs, again.hashed_files) == (1, 0)
+    assert Blob.objects.filter(sha256=sha(b"b = 1\n")).exists()
+
+
+def test_cloudctl_sync_human_and_json(server: dict, project: Path, monkeypatch: pytest.MonkeyPatch):
+    write(project, "cloud.yaml", yaml.safe_dump({"cluster": {"name": "p"}, "job": {"excludes": ["data/"]}}))
+    write(project, "train.py", "print('train')\n")
+    write(project, "data/big.csv", "1,2,3\n")
+    (project / "src").mkdir()
+    monkeypatch.chdir(project / "src")  # the project is found from below, like git
+    monkeypatch.setenv("CLOUDCTL_URL", server["url"])
+    monkeypatch.setenv("CLOUDCTL_TOKEN", server["token"])
+    monkeypatch.setenv("CLOUDCTL_WORKSPACE", server["workspace"].slug)
+    human = runner.invoke(app, ["sync"])
+    assert human.exit_code == 0, human.output
+    line = human.stdout.strip()
+    assert line.startswith("Synced 2 files (")
+    assert ": 2 uploaded (" in line and ", 0 unchanged. Snapshot " in line
+    as_json = runner.invoke(app, ["sync", "--json"])
+    assert as_json.exit_code == 0, as_json.output
+    data = json.loads(as_json.stdout)
+    assert set(data) == {"snapshot_id", "files", "bytes", "uploaded_blobs", "uploaded_bytes", "hashed_files"}
+    assert (data["files"], data["uploaded_blobs"], data["uploaded_bytes"], data["hashed_files"]) == (2, 0, 0, 0)
+    assert data["bytes"] == len("print('train')\n") + (project / "cloud.yaml").stat().st_size
+    manifest = server_snapshot(server["client"], data["snapshot_id"])["files"]
+    assert [f["path"] for f in manifest] == ["cloud.yaml", "train.py"]
