@@ -1,7 +1,7 @@
 """Content-addressed project sync: walk the tree, hash it (cached), upload what the server lacks, record a snapshot.
 
-A sync is four steps, each sized so that an unchanged 10,000-file project costs a few stat
-calls per file and three small requests:
+A sync is four steps, each sized so that an unchanged 10,000-file project costs a stat call
+per file and one request (the snapshot):
 
 1. `walk_project` lists the files to send, honouring `.gitignore` and `.cloudignore` at every
    level (gitignore semantics, each file relative to its own directory), `.git/info/exclude`
@@ -33,7 +33,7 @@ import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +47,14 @@ DEFAULT_MAX_BYTES = 2 * 1024**3
 MAX_BYTES_ENV = "CLOUDCTL_SYNC_MAX_BYTES"
 IGNORE_FILES = (".gitignore", ".cloudignore")  # in this order: .cloudignore has the last word
 CHUNK = 1024 * 1024
-HASH_WORKERS = 8  # hashlib releases the GIL on large updates; small files are mostly open/read syscalls
+# hashlib releases the GIL on large updates, and small files are mostly open/read calls: a thread per core.
+HASH_WORKERS = max(2, min(8, os.cpu_count() or 2))
+HASH_GROUP_FILES = 128  # files per hashing task ...
+HASH_GROUP_BYTES = 8 * 1024**2  # ... or bytes, whichever comes first
 MISSING_BATCH = 5_000  # hashes per `blobs/missing` request (the server accepts up to 10,000)
-UPLOAD_WORKERS = 8
+# Requests in flight at once. Each holds one of the control plane's web threads (8 with `make run`)
+# while it streams; half of them leaves room for everyone else (agents' heartbeats included).
+UPLOAD_WORKERS = 4
 SINGLE_UPLOAD_MIN = 8 * 1024**2  # files at least this big go alone, through PUT
 BUNDLE_MAX_BYTES = 16 * 1024**2
 BUNDLE_MAX_FILES = 1_000  # the server accepts up to 2,000 blobs per bundle
@@ -59,12 +64,14 @@ HASH_ATTEMPTS = 3
 CACHE_VERSION = 1
 CACHE_REMOTES = 4  # servers (URL and workspace) whose confirmed hashes the cache remembers
 LARGEST_SHOWN = 10
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])(?:i?b)?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 
 @dataclass
 class SyncResult:
+    """What one sync did; `cloudctl sync --json` prints exactly these fields."""
+
     snapshot_id: str
     files: int
     bytes: int
@@ -104,7 +111,7 @@ def parse_size(text: str, what: str = "--max-size") -> int:
     match = _SIZE_RE.match(str(text))
     if not match:
         raise CloudctlError(f"{what} must be a size such as 500M or 2G, not {text!r}.")
-    value = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    value = int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
     if value <= 0:
         raise CloudctlError(f"{what} must be more than 0 bytes.")
     return value
@@ -445,13 +452,27 @@ def hash_entries(entries: Sequence[FileEntry], cache: HashCache, bars: _Bars | N
         hash_file(todo[0])
         bars.advance(task, 1)
         return 1
-    # Big files first, so that the last one to finish is a small one.
-    todo_sorted = sorted(todo, key=lambda e: -e.size)
+    # Small files go in groups: a task per file costs the thread pool more than hashing a few KB.
+    # Big files first, so that the last group to finish is a small one.
+    groups: list[list[FileEntry]] = []
+    group: list[FileEntry] = []
+    size = 0
+    for entry in sorted(todo, key=lambda e: -e.size):
+        group.append(entry)
+        size += entry.size
+        if len(group) >= HASH_GROUP_FILES or size >= HASH_GROUP_BYTES:
+            groups.append(group)
+            group, size = [], 0
+    if group:
+        groups.append(group)
+
+    def hash_group(group: list[FileEntry]) -> None:
+        for entry in group:
+            hash_file(entry)
+        bars.advance(task, len(group))
+
     with ThreadPoolExecutor(HASH_WORKERS, thread_name_prefix="cloudctl-hash") as pool:
-        futures = [pool.submit(hash_file, e) for e in todo_sorted]
-        for future in futures:
-            future.add_done_callback(lambda _f: bars.advance(task, 1))
-        _wait_all(pool, futures)
+        _wait_all(pool, [pool.submit(hash_group, g) for g in groups])
     return len(todo)
 
 
@@ -535,7 +556,7 @@ def _bundle_chunks(items: list[tuple[str, FileEntry]], on_bytes: Any) -> Iterato
 class _Uploaded:
     blobs: int = 0
     bytes: int = 0
-    changed: list[str] | None = None  # hashes the server refused as not matching their bytes
+    changed: list[str] = field(default_factory=list)  # hashes whose bytes the server found not to match
 
 
 def _put_one(client: Client, sha256: str, entry: FileEntry, bars: _Bars, task: int | None) -> _Uploaded:
@@ -572,7 +593,7 @@ def _bundles(items: list[tuple[str, FileEntry]]) -> list[list[tuple[str, FileEnt
 
 def upload_blobs(client: Client, todo: dict[str, FileEntry], bars: _Bars) -> _Uploaded:
     """Upload one file per hash in `todo`, several requests at a time; report the hashes refused as changed."""
-    total = _Uploaded(changed=[])
+    total = _Uploaded()
     if not todo:
         return total
     task = bars.task("Uploading", sum(e.size for e in todo.values()), "bytes")
@@ -585,7 +606,7 @@ def upload_blobs(client: Client, todo: dict[str, FileEntry], bars: _Bars) -> _Up
         for part in _wait_all(pool, futures):
             total.blobs += part.blobs
             total.bytes += part.bytes
-            total.changed += part.changed or []  # type: ignore[operator]
+            total.changed += part.changed
     return total
 
 
@@ -643,8 +664,9 @@ def sync_project(client: Client, root: Path, *, excludes: Sequence[str] = (), ma
                 uploaded.blobs += done.blobs
                 uploaded.bytes += done.bytes
                 if done.changed:
-                    ask = _rehash_changed(entries, set(done.changed), bars)
-                    hashed += len(ask)
+                    rehashed = _rehash_changed(entries, set(done.changed), bars)
+                    hashed += len(rehashed)
+                    ask = list(dict.fromkeys(e.sha256 for e in rehashed))
                     by_hash = {}
                     for entry in entries:
                         by_hash.setdefault(entry.sha256, entry)
@@ -666,15 +688,13 @@ def sync_project(client: Client, root: Path, *, excludes: Sequence[str] = (), ma
                       hashed_files=hashed, uploaded_blobs=uploaded.blobs, uploaded_bytes=uploaded.bytes)
 
 
-def _rehash_changed(entries: Sequence[FileEntry], changed: set[str], bars: _Bars) -> list[str]:
-    """Hash again the files whose bytes the server found not to match; returns their new hashes."""
-    fresh: list[str] = []
-    for entry in entries:
-        if entry.sha256 in changed:
-            bars.say(f"{entry.path} changed while it was being synced; hashed it again and sending the new content.")
-            hash_file(entry)
-            fresh.append(entry.sha256)
-    return list(dict.fromkeys(fresh))
+def _rehash_changed(entries: Sequence[FileEntry], changed: set[str], bars: _Bars) -> list[FileEntry]:
+    """Hash again the files whose bytes the server found not to match their hash; returns those files."""
+    rehashed = [e for e in entries if e.sha256 in changed]
+    for entry in rehashed:
+        bars.say(f"{entry.path} changed while it was being synced; hashed it again and sending the new content.")
+        hash_file(entry)
+    return rehashed
 
 
 def summary(result: SyncResult) -> str:

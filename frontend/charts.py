@@ -19,7 +19,8 @@ WIDTH, HEIGHT = 1000, 300
 PALETTE = ("#4f46e5", "#0891b2", "#16a34a", "#d97706", "#db2777", "#7c3aed", "#0d9488", "#dc2626")
 # Tick spacings to choose from, smallest first: a chart gets the first that yields at most six ticks.
 TICK_STEPS = tuple(timedelta(seconds=s) for s in (
-    10, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 3 * 3600, 6 * 3600, 12 * 3600, 86400, 2 * 86400, 7 * 86400,
+    1, 2, 5, 10, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 3 * 3600, 6 * 3600, 12 * 3600, 86400, 2 * 86400,
+    7 * 86400,
 ))
 MIN_SPAN = timedelta(seconds=10)  # a younger cluster's chart is stretched to this from its creation
 

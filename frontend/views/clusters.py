@@ -16,7 +16,7 @@ from django.views.decorators.http import require_http_methods
 from rest_framework.exceptions import ValidationError
 
 from clusters import services
-from clusters.api.serializers import cost_so_far
+from clusters.api.serializers import ClusterSerializer, cost_so_far
 from clusters.choices import ClusterStatus, NodeState
 from clusters.models import Cluster, ClusterEvent, NodeGroup
 from clusters.providers.catalog import instance_types
@@ -55,13 +55,10 @@ def _cluster(scope: Scope, name: str) -> Cluster:
 
 
 def _row(cluster: Cluster) -> dict:
-    nodes = list(cluster.nodes.all())
-    counts: dict[str, int] = {}
-    for node in nodes:
-        if node.state != NodeState.TERMINATED:
-            counts[node.state] = counts.get(node.state, 0) + 1
-    return {"cluster": cluster, "node_counts": sorted(counts.items()), "live_nodes": sum(counts.values()),
-            "cost": cost_so_far(cluster, nodes)}
+    """A list row: node counts by state and cost so far, computed by the API's own serializer fields."""
+    api = ClusterSerializer(context={})
+    return {"cluster": cluster, "node_counts": sorted(api.get_nodes(cluster).items()),
+            "cost": api.get_cost_so_far(cluster)}
 
 
 def _list_context(request: HttpRequest, scope: Scope) -> dict:

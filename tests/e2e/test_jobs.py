@@ -187,7 +187,7 @@ def test_a_project_above_rays_upload_cap_runs_and_workers_import_its_modules(
         big.unlink()
 
 
-def test_ctrl_c_free_detach_and_stop(cli: Cli, control_plane: ControlPlaneHarness):
+def test_a_detached_job_is_stopped_with_jobs_stop(cli: Cli, control_plane: ControlPlaneHarness):
     detached = cli("run", "-d", "--", "python", "-c", "import time; print('working', flush=True); time.sleep(600)")
     job_id = detached.stdout.strip()
     api = control_plane.api()
@@ -200,3 +200,48 @@ def test_ctrl_c_free_detach_and_stop(cli: Cli, control_plane: ControlPlaneHarnes
     assert final["status"] == "STOPPED"
     followed = cli("logs", job_id, "-f")
     assert followed.returncode == 0 and "working" in followed.stdout
+
+
+def test_ctrl_c_offers_to_stop_the_job(cli: Cli, control_plane: ControlPlaneHarness):
+    import pty
+    import select
+    import signal
+
+    # given: `cloudctl run` at a terminal, its job printing and then waiting
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [str(CLOUDCTL), "run", "--", "python", "-c", "import time; print('looping', flush=True); time.sleep(600)"],
+        cwd=cli.cwd, env=cli.env, stdin=terminal, stdout=terminal, stderr=terminal, start_new_session=True)
+    os.close(terminal)
+    seen = b""
+
+    def read_until(text: bytes, timeout: float) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while text not in seen:
+            assert time.monotonic() < deadline, f"no {text!r} in {seen.decode(errors='replace')!r}"
+            ready, _, _ = select.select([controller], [], [], 0.5)
+            if ready:
+                try:
+                    seen += os.read(controller, 4096)
+                except OSError:
+                    break
+
+    try:
+        read_until(b"looping", timeout=120)
+        # when: Ctrl-C, and yes to the offer
+        os.killpg(proc.pid, signal.SIGINT)
+        read_until(b"Stop job", timeout=30)
+        os.write(controller, b"y\n")
+        assert proc.wait(timeout=60) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(controller)
+    # then: the job is stopped on the cluster
+    api = control_plane.api()
+    jobs = api.request("GET", "/workspaces/e2e/jobs/").json()["results"]
+    job = next(j for j in jobs if "looping" in j["entrypoint"])
+    final = wait_for(lambda: (j := api.request("GET", f"/workspaces/e2e/jobs/{job['id']}/").json())["status"]
+                     in ("STOPPED", "FAILED", "SUCCEEDED") and j, timeout=60, what="the job to stop")
+    assert final["status"] == "STOPPED"
