@@ -15,7 +15,8 @@ Per run, interleaved so that both sides see the same machine and the same page c
 4. rsync, incremental: `rsync -a project/ dest/` again;
 5. ours, incremental: `cloudctl sync --json` again (warm cache, same workspace).
 Each of ours is checked: the first uploads every file, the incremental exactly one blob and
-hashes exactly one file.
+hashes exactly one file. Every step starts after `sync(2)`, so that no step pays for the
+writeback of the one before (rsync never fsyncs; the blob store fsyncs each blob).
 
 Prints a markdown table (median, min, max seconds), then, last, `ratio sync_first_vs_rsync: X`
 and `ratio sync_incremental_vs_rsync: Y`: our median divided by rsync's.
@@ -73,6 +74,9 @@ def generate(root: Path, files: int, total_mb: int, seed: int = 7) -> tuple[int,
 
 
 def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, str]:
+    # Each step starts with no dirty pages: otherwise the writeback of the previous step's
+    # writes (rsync never fsyncs) throttles whichever command comes next.
+    os.sync()
     started = time.perf_counter()
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     took = time.perf_counter() - started

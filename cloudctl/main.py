@@ -374,6 +374,10 @@ def run(
     if found["status"] not in LIVE_STATUSES:
         raise CloudctlError(f"Cluster {name} is {found['status']}; run `cloudctl up` to start it.")
     result = sync_project(api, root, excludes=project.job.excludes if project else [], progress=not json_out)
+    if not json_out:
+        from cloudctl.sync import summary
+
+        output.err.print(summary(result), markup=False, soft_wrap=True)
     job = api.job_submit(name, {"snapshot": result.snapshot_id, "entrypoint": shlex.join(command), "env": job_env,
                                 "pip": project.job.pip if project else []})
     job_id = job["id"]

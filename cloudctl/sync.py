@@ -64,6 +64,7 @@ HASH_ATTEMPTS = 3
 CACHE_VERSION = 1
 CACHE_REMOTES = 4  # servers (URL and workspace) whose confirmed hashes the cache remembers
 LARGEST_SHOWN = 10
+MAX_FILES = 100_000  # the most files a snapshot holds (the server refuses a longer manifest)
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])(?:i?b)?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
@@ -644,6 +645,9 @@ def sync_project(client: Client, root: Path, *, excludes: Sequence[str] = (), ma
     limit = resolve_max_bytes(max_bytes)
     entries = walk_project(root, excludes)
     check_size(entries, limit)
+    if len(entries) > MAX_FILES:
+        raise CloudctlError(f"The project has {len(entries):,} files and a snapshot holds at most {MAX_FILES:,}; add "
+                            f"what the job does not need to .cloudignore. Nothing was uploaded.")
     real_root = os.path.realpath(root)
     cache = HashCache.load(real_root)
     remote = f"{client.url} {client.workspace}"

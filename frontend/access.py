@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest
 
+from clusters.api.jobs import ClusterJobViewSet
 from clusters.api.views import ClusterViewSet
 from controlplane.api.base import WorkspaceScopedViewSet, client_ip, membership_for
 from controlplane.api.views import MemberViewSet
@@ -33,6 +34,7 @@ CLUSTER_VERBS: dict[str, str] = {
     "stop": api_role(ClusterViewSet, "POST", "stop"),
     "terminate": api_role(ClusterViewSet, "DELETE", "destroy"),
 }
+JOB_STOP = api_role(ClusterJobViewSet, "POST", "stop")
 MEMBERS_MANAGE = api_role(MemberViewSet, "POST", "create")
 # The audit log has no API route yet. It shows addresses and user agents of every member, so it is
 # for those who manage the workspace's people: the members API's managers.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.contrib.auth.views import LogoutView
 from django.urls import include, path
 
-from frontend.views import auth, clusters, tokens, workspace
+from frontend.views import auth, clusters, jobs, tokens, workspace
 
 app_name = "frontend"
 
@@ -18,6 +18,10 @@ workspace_urls = [
     path("new-cluster/", clusters.cluster_create, name="cluster-create"),
     path("clusters/<slug:name>/", clusters.cluster_detail, name="cluster"),
     path("clusters/<slug:name>/<slug:verb>/", clusters.cluster_verb, name="cluster-verb"),
+    # A job by id alone, as the API's workspaces/{ws}/jobs/{id}/: a job id needs no cluster name.
+    path("jobs/<uuid:job_id>/", jobs.job_detail, name="job"),
+    path("jobs/<uuid:job_id>/log/", jobs.job_log, name="job-log"),
+    path("jobs/<uuid:job_id>/stop/", jobs.job_stop, name="job-stop"),
     path("members/", workspace.members, name="members"),
     path("members/<int:user_id>/role/", workspace.member_role, name="member-role"),
     path("members/<int:user_id>/remove/", workspace.member_remove, name="member-remove"),

@@ -96,6 +96,8 @@ def page(request: HttpRequest, template: str, context: dict[str, Any], *, scope:
 def _section(request: HttpRequest) -> str:
     """Which main navigation entry the page belongs to, for `aria-current`."""
     name = request.resolver_match.url_name if request.resolver_match else ""
+    if name and name.startswith("job"):  # a job runs on a cluster: its pages are under Clusters
+        return "clusters"
     for section in ("cluster", "member", "audit", "token"):
         if name and name.startswith(section):
             return section + "s" if section != "audit" else section

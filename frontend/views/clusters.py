@@ -1,4 +1,4 @@
-"""Clusters: the live list, the create form, the detail page and the verbs (start, stop, terminate).
+"""Clusters: the live list, the create form, the detail page (with its jobs) and the verbs (start, stop, terminate).
 
 Every change goes through `clusters.services` exactly as the REST API's does, after the same
 `ClusterSpec` validation; the page only turns the result into HTML.
@@ -27,6 +27,7 @@ from frontend.access import CLUSTER_CREATE, CLUSTER_VERBS, READ, Scope, actor_fo
 from frontend.charts import Interval, node_chart
 from frontend.forms import ClusterForm, enabled_providers, type_label
 from frontend.views.base import page, workspace_page
+from frontend.views.jobs import cluster_jobs
 
 EVENTS_SHOWN = 100
 LIST_TARGET = "cluster-rows"  # the element ids that htmx polls on the list and the detail page
@@ -164,13 +165,13 @@ def _detail_context(scope: Scope, cluster: Cluster) -> dict:
         "verbs": [(v, VERB_TEXT[v][0]) for v in _verbs(scope, cluster)],
         "polling": cluster.status != ClusterStatus.TERMINATED,
         "live_url": reverse("frontend:cluster", args=[scope.workspace.slug, cluster.name]),
-        "jobs": None,  # the jobs section (frontend/_jobs.html) fills this in
+        **cluster_jobs(cluster),  # the jobs table (frontend/_jobs.html), live with the rest
     }
 
 
 @workspace_page()
 def cluster_detail(request: HttpRequest, scope: Scope, name: str) -> HttpResponse:
-    """One cluster. Its status, nodes, chart and events are what htmx polls every two seconds."""
+    """One cluster. Its status, nodes, chart, jobs and events are what htmx polls every two seconds."""
     cluster = _cluster(scope, name)
     if _polled(request, DETAIL_TARGET):
         return render(request, "frontend/clusters/_live.html", {"scope": scope, **_detail_context(scope, cluster)})

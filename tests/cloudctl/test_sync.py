@@ -307,6 +307,13 @@ def test_a_refused_tree_sends_nothing(project: Path, tmp_path: Path):
         sync.sync_project(RecordingClient(), project, max_bytes=1024, progress=False)  # type: ignore[arg-type]
 
 
+def test_more_files_than_a_snapshot_holds_is_refused(project: Path, monkeypatch: pytest.MonkeyPatch):
+    make_tree(project, 4)
+    monkeypatch.setattr(sync, "MAX_FILES", 3)
+    with pytest.raises(CloudctlError, match="The project has 4 files and a snapshot holds at most 3"):
+        sync.sync_project(RecordingClient(), project, progress=False)  # type: ignore[arg-type]
+
+
 def test_the_cap_comes_from_the_environment(project: Path, monkeypatch: pytest.MonkeyPatch):
     write(project, "big.bin", b"\0" * 2048)
     monkeypatch.setenv("CLOUDCTL_SYNC_MAX_BYTES", "1K")

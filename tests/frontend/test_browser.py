@@ -10,6 +10,7 @@ README's pictures come from `CUMULUS_SCREENSHOT_DIR=docs/screenshots`).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Iterator
@@ -28,6 +29,17 @@ WS = "e2e"
 CLUSTER = "demo"
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 375, "height": 740}
+# The job of test_a_job_streams_its_log_into_the_job_page: lines a few seconds apart, markup to be shown as
+# text, and one line wider than a phone.
+JOB_MAIN = """\
+import time
+
+print("metrics: " + ", ".join(f"loss_{i}={1 / (i + 1):.4f}" for i in range(8)), flush=True)
+for step in range(1, 6):
+    print(f"step {step} of 5: <ok> & on", flush=True)
+    time.sleep(1.5)
+print("all done", flush=True)
+"""
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +100,23 @@ def no_sideways_scroll(page: Page) -> bool:
     return page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
 
 
+def submit_job(plane: ControlPlaneHarness, script: str) -> str:
+    """Submit `python main.py` with `script` as main.py over the REST API, as a client would: blob, snapshot, job."""
+    api = plane.api()
+    data = script.encode()
+    digest = hashlib.sha256(data).hexdigest()
+    blob = api.request("PUT", f"/workspaces/{WS}/blobs/{digest}", data=data,
+                       headers={"Content-Type": "application/octet-stream"})
+    assert blob.status_code in (200, 201), blob.text
+    snapshot = api.request("POST", f"/workspaces/{WS}/snapshots/", json={
+        "files": [{"path": "main.py", "sha256": digest, "size": len(data), "mode": 0o644}]})
+    assert snapshot.status_code == 201, snapshot.text
+    job = api.request("POST", api.cluster_path(CLUSTER) + "jobs/",
+                      json={"snapshot": snapshot.json()["id"], "entrypoint": "python main.py"})
+    assert job.status_code == 201, job.text
+    return job.json()["id"]
+
+
 def test_sign_in_create_a_cluster_and_watch_it_become_running(browser: Browser, plane: ControlPlaneHarness,
                                                               shots: Path) -> None:
     page = sign_in(browser, plane, "member")
@@ -144,6 +173,47 @@ def test_sign_in_create_a_cluster_and_watch_it_become_running(browser: Browser, 
     expect(row).to_contain_text("2 ready")
     expect(row.locator("td.num")).to_have_text(re.compile(r"^\$\d"))
     page.screenshot(path=str(shots / "clusters.png"), full_page=True)
+
+
+def test_a_job_streams_its_log_into_the_job_page(browser: Browser, plane: ControlPlaneHarness, shots: Path) -> None:
+    # given the running cluster's page, and a job submitted over the API
+    assert plane.api().cluster(CLUSTER)["status"] == "RUNNING"
+    page = sign_in(browser, plane, "member")
+    page.get_by_role("link", name=CLUSTER, exact=True).click()
+    page.evaluate("window.sameDocument = true")
+    job_id = submit_job(plane, JOB_MAIN)
+
+    # when it shows up in the cluster's jobs table (without a reload) and its link is followed
+    row = page.locator(f'tr[data-job="{job_id}"]')
+    expect(row).to_contain_text("python main.py")
+    assert page.evaluate("window.sameDocument === true"), "the cluster page reloaded"
+    row.get_by_role("link", name=f"Job {job_id[:8]}").click()
+    expect(page).to_have_url(re.compile(rf"/console/w/{WS}/jobs/{job_id}/$"))
+    page.evaluate("window.sameDocument = true")
+
+    # then its lines appear in the log view as the job prints them, not all at its end, markup as text
+    log = page.get_by_role("log")
+    expect(log).to_contain_text("step 1 of 5: <ok> & on", timeout=180_000)
+    assert "all done" not in log.inner_text(), "the log arrived all at once"
+    expect(page.locator("#job-status")).to_have_text("RUNNING")
+    expect(page.get_by_role("link", name="Stop", exact=True)).to_be_visible()
+    expect(log).to_contain_text("all done", timeout=60_000)
+
+    # and the status chip becomes SUCCEEDED, the log stops following, all without a reload
+    expect(page.locator("#job-status")).to_have_text("SUCCEEDED", timeout=60_000)
+    expect(page.locator("#job-exit-code")).to_have_text("0")
+    expect(page.locator("#job-log-poller")).to_have_text("End of the log.")
+    expect(page.get_by_role("link", name="Stop", exact=True)).to_have_count(0)
+    assert page.evaluate("window.sameDocument === true"), "the job page reloaded"
+    lines = log.inner_text().splitlines()
+    assert lines[0].startswith("metrics: loss_0=1.0000") and lines[-1] == "all done", lines
+    assert [line for line in lines if line.startswith("step")] == [f"step {i} of 5: <ok> & on" for i in range(1, 6)]
+    page.screenshot(path=str(shots / "job-log.png"), full_page=True)
+
+    # and at phone width the wide line scrolls inside the log, not the page
+    page.set_viewport_size(PHONE)
+    assert no_sideways_scroll(page)
+    assert page.evaluate("(e => e.scrollWidth > e.clientWidth)(document.getElementById('job-log'))")
 
 
 def test_a_viewer_sees_no_controls_and_a_forged_post_is_refused(browser: Browser,

@@ -6,18 +6,25 @@ plane; these pin the rules quickly, and that the console answers exactly as the 
 
 from __future__ import annotations
 
+import hashlib
+import html as html_lib
 import re
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from datetime import timedelta
 
 import pytest
 from django.test import Client
 from django.urls import URLPattern, URLResolver, get_resolver
+from django.utils import timezone
 
-from clusters.choices import ClusterStatus, NodeRole, NodeState
-from clusters.models import Cluster, ClusterEvent
+from clusters.choices import ClusterStatus, JobStatus, NodeRole, NodeState
+from clusters.models import Cluster, ClusterEvent, Job, JobLogChunk
 from controlplane.choices import Role
 from controlplane.models import ApiToken, AuditEvent, Membership, Workspace
-from controlplane.services import token_create
+from controlplane.services import Actor, token_create
+from frontend.views import jobs as job_views
+from projects.services import blob_upload, snapshot_create
 from tests.conftest import api_for
 from tests.factories import ClusterFactory, MembershipFactory, NodeFactory, UserFactory, WorkspaceFactory
 
@@ -51,6 +58,49 @@ def valid_form(name: str = "web", **overrides: str) -> dict[str, object]:
 
 def html(response: object) -> str:
     return response.content.decode()  # type: ignore[attr-defined]
+
+
+@pytest.fixture(autouse=True)
+def blob_dir(settings, tmp_path) -> None:
+    settings.CUMULUS_BLOB_DIR = str(tmp_path / "blobs")
+
+
+def make_job(cluster: Cluster, *, log: Sequence[bytes] = (), **fields: object) -> Job:
+    """A job of `cluster` on a real snapshot, its log stored as `log`'s chunks one after the other."""
+    main = b"print('hello')\n"
+    digest = hashlib.sha256(main).hexdigest()
+    blob_upload(workspace=cluster.workspace, sha256=digest, chunks=[main], actor=Actor(user=None))
+    snapshot = snapshot_create(workspace=cluster.workspace, actor=Actor(user=None),
+                               files=[{"path": "main.py", "sha256": digest, "size": len(main), "mode": 0o644}])
+    fields = {"entrypoint": "python main.py", "status": JobStatus.RUNNING, **fields}
+    job = Job.objects.create(workspace=cluster.workspace, cluster=cluster, snapshot=snapshot, **fields)
+    append_log(job, *log)
+    return job
+
+
+def append_log(job: Job, *chunks: bytes) -> None:
+    """Store chunks where the log ends, as the head's reports do."""
+    for data in chunks:
+        JobLogChunk.objects.create(job=job, offset=job.log_size, data=data)
+        job.log_size += len(data)
+    Job.objects.filter(pk=job.pk).update(log_size=job.log_size)
+
+
+HX = {"HTTP_HX_REQUEST": "true", "HTTP_HX_TARGET": "job-log"}
+
+
+def poll(client: Client, job: Job, offset: int, version: str = "") -> tuple[str, str]:
+    """One poll of the log, as htmx sends it: (the text appended to the log, the out-of-band rest)."""
+    response = client.get(f"/console/w/acme/jobs/{job.pk}/log/", {"offset": offset, "v": version}, **HX)
+    assert response.status_code == 200
+    text, rest = html(response).split('<p id="job-log-poller"', 1)
+    return text, '<p id="job-log-poller"' + rest
+
+
+def next_poll(fragment: str) -> tuple[int, str] | None:
+    """The offset and header version the poller asks with next; None once it has stopped."""
+    found = re.search(r'id="job-log-poller"[^>]*hx-get="[^"?]+\?offset=(\d+)&amp;v=(\w+)"', fragment)
+    return (int(found[1]), found[2]) if found else None
 
 
 # --- sign in and out ------------------------------------------------------------------------------------------
@@ -139,7 +189,9 @@ ROUTES = sorted(set(console_workspace_routes()))
 def test_the_routes_walked_cover_the_console() -> None:
     assert {"console/w/{ws}/clusters/", "console/w/{ws}/new-cluster/", "console/w/{ws}/clusters/{name}/",
             "console/w/{ws}/clusters/{name}/{verb}/", "console/w/{ws}/members/", "console/w/{ws}/audit/",
-            "console/w/{ws}/members/{user_id}/role/", "console/w/{ws}/members/{user_id}/remove/"} <= set(ROUTES)
+            "console/w/{ws}/members/{user_id}/role/", "console/w/{ws}/members/{user_id}/remove/",
+            "console/w/{ws}/jobs/{job_id}/", "console/w/{ws}/jobs/{job_id}/log/",
+            "console/w/{ws}/jobs/{job_id}/stop/"} <= set(ROUTES)
 
 
 @pytest.mark.parametrize("method", ["get", "post"])
@@ -151,7 +203,8 @@ def test_every_route_of_another_workspace_is_404_and_changes_nothing(console: Co
     bravo = WorkspaceFactory(slug="bravo")
     owner = MembershipFactory(workspace=bravo, role=Role.OWNER)
     cluster = ClusterFactory(workspace=bravo, name="secret", status=ClusterStatus.RUNNING)
-    url = "/" + route.format(ws="bravo", name="secret", verb="terminate", user_id=owner.user_id)
+    job = make_job(cluster, log=[b"secret output\n"])
+    url = "/" + route.format(ws="bravo", name="secret", verb="terminate", user_id=owner.user_id, job_id=job.pk)
     before = (Cluster.objects.filter(workspace=bravo).count(), cluster.status, AuditEvent.objects.count())
 
     # when I ask for it (with a valid body for the posts)
@@ -162,6 +215,9 @@ def test_every_route_of_another_workspace_is_404_and_changes_nothing(console: Co
 
     # then it does not exist for me, and nothing in bravo changed
     assert response.status_code == 404, (url, response.status_code)
+    assert "secret output" not in html(response)
+    job.refresh_from_db()
+    assert (job.status, job.stop_requested_at) == (JobStatus.RUNNING, None)
     cluster.refresh_from_db()
     assert (Cluster.objects.filter(workspace=bravo).count(), cluster.status, AuditEvent.objects.count()) == before
     assert Membership.objects.get(workspace=bravo, user=owner.user).role == Role.OWNER
@@ -430,6 +486,261 @@ def test_the_list_shows_status_nodes_cost_and_age(console: Console, ws: Workspac
     assert 'data-cluster="alpha"' in page and 'data-status="RUNNING"' in page and "2 ready" in page
     assert "$0.0000" in page
     assert 'data-cluster="old"' not in page and 'data-cluster="old"' in everything
+
+
+# --- jobs: the cluster's table, a job's page with its live log, stop -------------------------------------------
+
+def test_the_detail_lists_the_clusters_newest_jobs_in_its_live_part(console: Console, ws: Workspace) -> None:
+    # given a cluster with a finished and a running job, and a job on another cluster
+    cluster = ClusterFactory(workspace=ws, name="alpha", status=ClusterStatus.RUNNING)
+    ada = UserFactory(email="ada@example.com")
+    now = timezone.now()
+    done = make_job(cluster, status=JobStatus.SUCCEEDED, exit_code=0, entrypoint="python train.py --epochs 3",
+                    created_by=ada, started_at=now - timedelta(minutes=5), finished_at=now - timedelta(minutes=2))
+    running = make_job(cluster, status=JobStatus.RUNNING, entrypoint="python serve.py " + "x" * 200)
+    Job.objects.filter(pk=done.pk).update(created_at=now - timedelta(minutes=6))
+    make_job(ClusterFactory(workspace=ws, name="beta", status=ClusterStatus.RUNNING), entrypoint="python beta.py")
+    viewer = console(Role.VIEWER)
+
+    # when the page is opened, and when htmx polls its live part
+    page = html(viewer.get("/console/w/acme/clusters/alpha/"))
+    live = html(viewer.get("/console/w/acme/clusters/alpha/", HTTP_HX_REQUEST="true", HTTP_HX_TARGET="cluster-live"))
+
+    # then both list this cluster's jobs, newest first, each linking to its page, with status, exit code and who
+    for text in (page, live):
+        rows = re.findall(r'<tr data-job="([0-9a-f-]+)">', text)
+        assert rows == [str(running.pk), str(done.pk)]
+        assert f'href="/console/w/acme/jobs/{done.pk}/"' in text and f"<code>{str(done.pk)[:8]}</code>" in text
+        assert 'data-status="SUCCEEDED"' in text and 'data-status="RUNNING"' in text
+        assert "python train.py --epochs 3" in text and "ada@example.com" in text and "3m 0s" in text
+        assert re.search(r'title="python serve\.py x{200}">python serve\.py x{63}…</code>', text)  # cut short
+        assert "python beta.py" not in text
+
+
+def test_the_detail_shows_the_twenty_newest_jobs(console: Console, ws: Workspace) -> None:
+    cluster = ClusterFactory(workspace=ws, name="alpha", status=ClusterStatus.RUNNING)
+    jobs = [make_job(cluster, entrypoint=f"python job{i}.py") for i in range(21)]
+    for i, job in enumerate(jobs):
+        Job.objects.filter(pk=job.pk).update(created_at=timezone.now() - timedelta(minutes=30 - i))
+
+    page = html(console(Role.VIEWER).get("/console/w/acme/clusters/alpha/"))
+
+    assert len(re.findall(r"<tr data-job=", page)) == 20
+    assert "the 20 newest of 21" in page and "python job20.py" in page and "python job0.py" not in page
+
+
+def test_the_job_page_shows_its_facts_and_the_log_so_far_then_follows_it(console: Console, ws: Workspace) -> None:
+    # given a running job with two lines of output
+    cluster = ClusterFactory(workspace=ws, name="alpha", status=ClusterStatus.RUNNING)
+    job = make_job(cluster, log=[b"step 1\n", b"step 2\n"], message="handed to the head's agent",
+                   entrypoint="python main.py --fast", started_at=timezone.now())
+
+    # when a viewer opens its page
+    response = console(Role.VIEWER).get(f"/console/w/acme/jobs/{job.pk}/")
+    page = html(response)
+
+    # then it shows the status, message, cluster, entrypoint and snapshot, and the log so far in a live log view
+    assert response.status_code == 200
+    assert re.search(r'id="job-status" data-status="RUNNING">RUNNING<', page)
+    assert "handed to the head&#x27;s agent" in page and 'href="/console/w/acme/clusters/alpha/"' in page
+    assert "python main.py --fast" in page and str(job.snapshot_id) in page
+    assert re.search(r'<pre id="job-log" class="log" role="log" aria-live="polite"[^>]*>step 1\nstep 2\n</pre>', page)
+    # and it polls every second for what follows those 14 bytes
+    assert 'hx-trigger="every 1s" hx-target="#job-log" hx-swap="beforeend"' in page
+    assert next_poll(page) == (14, job_views._head_version(job))
+    assert 'aria-current="page">Clusters<' in page
+
+
+def test_a_log_that_starts_with_a_blank_line_keeps_it(console: Console, ws: Workspace) -> None:
+    job = make_job(ClusterFactory(workspace=ws, name="alpha", status=ClusterStatus.RUNNING), log=[b"\nafter\n"])
+    page = html(console(Role.VIEWER).get(f"/console/w/acme/jobs/{job.pk}/"))
+    assert re.search(r'<pre id="job-log"[^>]*>\n\nafter\n</pre>', page)  # the parser eats the first newline
+
+
+def test_a_log_poll_returns_only_the_new_text_escaped(console: Console, ws: Workspace) -> None:
+    # given a job whose log has grown past what the page showed, with markup in its output
+    cluster = ClusterFactory(workspace=ws, name="alpha", status=ClusterStatus.RUNNING)
+    job = make_job(cluster, log=[b"old line\n"])
+    viewer = console(Role.VIEWER)
+    offset, version = next_poll(html(viewer.get(f"/console/w/acme/jobs/{job.pk}/")))
+    append_log(job, b"<script>alert('x')</script> & <b>done</b>\n")
+
+    # when htmx polls from where the page ended
+    text, rest = poll(viewer, job, offset, version)
+
+    # then only the new bytes come back, as text, and the poller moves on to the log's end
+    assert text == "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; &lt;b&gt;done&lt;/b&gt;\n"
+    assert html_lib.unescape(text) == "<script>alert('x')</script> & <b>done</b>\n"
+    assert 'hx-swap-oob="true"' in rest and next_poll(rest) == (job.log_size, version)
+    assert "<script" not in rest and 'id="job-head"' not in rest  # the header has not changed: not sent
+
+    # and a poll with nothing new appends nothing
+    assert poll(viewer, job, job.log_size, version)[0] == ""
+
+
+def test_a_log_poll_never_splits_a_character(console: Console, ws: Workspace,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # given a log of multi-byte characters, stored in chunks that split one, read three bytes a poll
+    text = "héllo wörld ✓ ünïcode\n"
+    raw = text.encode()
+    job = make_job(ClusterFactory(workspace=ws, name="alpha", status=ClusterStatus.RUNNING),
+                   log=[raw[:2], raw[2:13], raw[13:]])
+    monkeypatch.setattr(job_views, "LOG_POLL_BYTES", 3)  # at least one whole character: "✓" has three bytes
+    viewer = console(Role.VIEWER)
+
+    # when it is polled until the poller reaches the end
+    offset, pieces = 0, []
+    while offset < len(raw):
+        piece, rest = poll(viewer, job, offset)
+        pieces.append(html_lib.unescape(piece))
+        offset = next_poll(rest)[0]  # type: ignore[index]
+
+    # then every piece is whole characters, and together they are the log
+    assert "".join(pieces) == text and all("\ufffd" not in p and p for p in pieces)
+
+
+def test_the_header_comes_with_a_poll_once_it_changed_and_polling_stops_at_the_end(console: Console,
+                                                                                   ws: Workspace) -> None:
+    # given an open job page, then the job finishes with its last line
+    cluster = ClusterFactory(workspace=ws, name="alpha", status=ClusterStatus.RUNNING)
+    job = make_job(cluster, log=[b"working\n"], started_at=timezone.now())
+    viewer = console(Role.VIEWER)
+    offset, version = next_poll(html(viewer.get(f"/console/w/acme/jobs/{job.pk}/")))
+    append_log(job, b"finished\n")
+    Job.objects.filter(pk=job.pk).update(status=JobStatus.SUCCEEDED, exit_code=0, finished_at=timezone.now())
+
+    # when htmx polls
+    text, rest = poll(viewer, job, offset, version)
+
+    # then the new line, the new header (out of band) and a poller that has stopped come back
+    assert text == "finished\n"
+    assert re.search(r'<div id="job-head" hx-swap-oob="true">', rest)
+    assert 'data-status="SUCCEEDED"' in rest and re.search(r'id="job-exit-code">0<', rest)
+    assert next_poll(rest) is None and "hx-get" not in rest and "End of the log." in rest
+    # and the page opened now does not poll at all
+    page = html(viewer.get(f"/console/w/acme/jobs/{job.pk}/"))
+    assert 'hx-trigger="every 1s"' not in page and "working\nfinished\n</pre>" in page
+
+
+def test_a_finished_job_whose_log_is_not_all_read_keeps_polling(console: Console, ws: Workspace,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    job = make_job(ClusterFactory(workspace=ws, name="alpha", status=ClusterStatus.RUNNING),
+                   log=[b"0123456789"], status=JobStatus.FAILED, exit_code=1)
+    monkeypatch.setattr(job_views, "LOG_POLL_BYTES", 4)
+    viewer = console(Role.VIEWER)
+
+    text, rest = poll(viewer, job, 0)
+    assert text == "0123" and next_poll(rest) is not None
+    text, rest = poll(viewer, job, 8)
+    assert text == "89" and next_poll(rest) is None
+
+
+def test_a_long_log_opens_at_its_last_mebibyte_with_a_note(console: Console, ws: Workspace) -> None:
+    # given a finished job with 1.5 MB of output
+    line = b"x" * 99 + b"\n"
+    job = make_job(ClusterFactory(workspace=ws, name="alpha", status=ClusterStatus.RUNNING),
+                   log=[line * 15_000, b"the last line\n"], status=JobStatus.SUCCEEDED, exit_code=0)
+
+    page = html(console(Role.VIEWER).get(f"/console/w/acme/jobs/{job.pk}/"))
+
+    # then the page holds its last MiB at most, from a line's start, and says so
+    shown = re.search(r'<pre id="job-log"[^>]*>(.*?)</pre>', page, re.S)[1]  # type: ignore[index]
+    assert len(shown.encode()) <= 1024 * 1024 and shown.startswith(line.decode())
+    assert shown.endswith("the last line\n") and shown.count("\n") == len(shown.encode()) // 100 + 1
+    assert re.search(r"Showing the last 1.0\xa0MB of 1.4\xa0MB", page)
+    assert f"cloudctl logs {str(job.pk)[:8]}" in page
+
+
+def test_a_bad_offset_is_400(console: Console, ws: Workspace) -> None:
+    job = make_job(ClusterFactory(workspace=ws, name="alpha", status=ClusterStatus.RUNNING))
+    viewer = console(Role.VIEWER)
+    for offset in ("-1", "ten", "²", "9" * 19):
+        assert viewer.get(f"/console/w/acme/jobs/{job.pk}/log/", {"offset": offset}, **HX).status_code == 400
+
+
+def test_a_job_of_another_workspace_or_of_none_is_404_in_mine(console: Console, ws: Workspace) -> None:
+    # given a member of acme, and a job in bravo
+    member = console(Role.MEMBER)
+    bravo = WorkspaceFactory(slug="bravo")
+    MembershipFactory(workspace=bravo, role=Role.OWNER)
+    theirs = make_job(ClusterFactory(workspace=bravo, name="alpha", status=ClusterStatus.RUNNING),
+                      log=[b"their output\n"])
+
+    # when bravo's job, or a job that does not exist, is asked for under acme
+    for job_id in (theirs.pk, uuid.uuid4()):
+        for suffix in ("", "log/?offset=0", "stop/"):
+            response = member.get(f"/console/w/acme/jobs/{job_id}/{suffix}")
+            assert response.status_code == 404, (job_id, suffix)
+            assert "their output" not in html(response)
+        assert post(member, f"/console/w/acme/jobs/{job_id}/stop/").status_code == 404
+
+    # then it was not there, as over the API, and it was not stopped
+    assert api_for(member.user).get(f"workspaces/acme/jobs/{theirs.pk}/").status_code == 404
+    theirs.refresh_from_db()
+    assert (theirs.status, theirs.stop_requested_at) == (JobStatus.RUNNING, None)
+
+
+def test_a_viewer_sees_no_stop_and_a_forged_stop_post_is_403(console: Console, ws: Workspace) -> None:
+    viewer = console(Role.VIEWER)
+    job = make_job(ClusterFactory(workspace=ws, name="alpha", status=ClusterStatus.RUNNING))
+
+    page = html(viewer.get(f"/console/w/acme/jobs/{job.pk}/"))
+    confirm = viewer.get(f"/console/w/acme/jobs/{job.pk}/stop/")
+    forged = post(viewer, f"/console/w/acme/jobs/{job.pk}/stop/")
+
+    assert f"/jobs/{job.pk}/stop/" not in page and 'id="job-stop"' not in page
+    assert confirm.status_code == 403 and forged.status_code == 403 and "viewer" in html(forged)
+    assert api_for(viewer.user).post(f"workspaces/acme/jobs/{job.pk}/stop/").status_code == 403  # as the API says
+    job.refresh_from_db()
+    assert (job.status, job.stop_requested_at) == (JobStatus.RUNNING, None)
+    assert not AuditEvent.objects.filter(action="job.stop").exists()
+
+
+def test_a_member_stops_a_job_after_confirming(console: Console, ws: Workspace) -> None:
+    # given a job that waits for the head, and one that the head runs
+    member = console(Role.MEMBER)
+    cluster = ClusterFactory(workspace=ws, name="alpha", status=ClusterStatus.RUNNING)
+    waiting = make_job(cluster, status=JobStatus.PENDING)
+    head = NodeFactory(cluster=cluster, role=NodeRole.HEAD, name="head-1", state=NodeState.READY)
+    running = make_job(cluster, node=head)
+
+    # when Stop is chosen on the waiting job's page, then the console asks first
+    page = html(member.get(f"/console/w/acme/jobs/{waiting.pk}/"))
+    assert f'href="/console/w/acme/jobs/{waiting.pk}/stop/"' in page
+    confirm = member.get(f"/console/w/acme/jobs/{waiting.pk}/stop/")
+    waiting.refresh_from_db()
+    assert confirm.status_code == 200 and waiting.status == JobStatus.PENDING
+    assert f"Stop job {str(waiting.pk)[:8]} (python main.py) on cluster alpha?" in html(confirm)
+
+    # and once confirmed, the service stops it at once: no head has it yet
+    done = post(member, f"/console/w/acme/jobs/{waiting.pk}/stop/", follow=True)
+    waiting.refresh_from_db()
+    assert waiting.status == JobStatus.STOPPED and f"Job {str(waiting.pk)[:8]} is stopped." in html(done)
+    assert AuditEvent.objects.get(action="job.stop", target_id=str(waiting.pk)).actor == member.user
+
+    # and a running job is stopped by its head: the page says it was asked for, and offers Stop no more
+    stopping = post(member, f"/console/w/acme/jobs/{running.pk}/stop/", follow=True)
+    running.refresh_from_db()
+    assert running.status == JobStatus.RUNNING and running.stop_requested_at is not None
+    assert "is stopping." in html(stopping) and "Stop requested at" in html(stopping)
+    assert 'id="job-stop"' not in html(stopping)
+
+
+def test_stopping_a_finished_job_is_the_api_conflict_message(console: Console, ws: Workspace) -> None:
+    member = console(Role.MEMBER)
+    job = make_job(ClusterFactory(workspace=ws, name="alpha", status=ClusterStatus.RUNNING),
+                   status=JobStatus.SUCCEEDED, exit_code=0)
+
+    page = html(member.get(f"/console/w/acme/jobs/{job.pk}/"))
+    response = post(member, f"/console/w/acme/jobs/{job.pk}/stop/", follow=True)
+    api = api_for(member.user).post(f"workspaces/acme/jobs/{job.pk}/stop/")
+
+    assert 'id="job-stop"' not in page
+    assert api.status_code == 409
+    assert html_lib.escape(api.json()["error"]["message"]) in html(response)
+    assert f"Job {job.pk} has already finished (SUCCEEDED)." in html(response)
+    job.refresh_from_db()
+    assert job.status == JobStatus.SUCCEEDED
 
 
 # --- members, tokens, audit -----------------------------------------------------------------------------------
