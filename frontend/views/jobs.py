@@ -10,6 +10,7 @@ and takes a new poller carrying the next offset out of band. Polling ends where 
 from __future__ import annotations
 
 import hashlib
+import re
 from urllib.parse import urlencode
 from uuid import UUID
 
@@ -33,6 +34,14 @@ LOG_PAGE_BYTES = services.LOG_READ_LIMIT  # the most of a log the page opens wit
 LOG_POLL_BYTES = services.LOG_READ_LIMIT  # the most one poll brings; the next poll brings the rest
 # What a poll re-reads of the job for its header, after reading the log.
 LIVE_FIELDS = ["status", "message", "exit_code", "stop_requested_at", "started_at", "finished_at", "log_size"]
+
+
+ANSI_CSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def _display(data: bytes) -> str:
+    """Log bytes as text for the page: terminal colour and cursor codes (Ray colours its own lines) dropped."""
+    return ANSI_CSI.sub("", data.decode("utf-8", errors="replace"))
 
 
 def _short(job: Job) -> str:
@@ -105,7 +114,7 @@ def job_detail(request: HttpRequest, scope: Scope, job_id: UUID) -> HttpResponse
     start = max(0, job.log_size - LOG_PAGE_BYTES)
     piece, complete = _read(job, start, LOG_PAGE_BYTES)
     data = _from_a_line_start(piece.data) if start else piece.data
-    text = data.decode("utf-8", errors="replace")
+    text = _display(data)
     if text.startswith("\n"):  # the HTML parser drops one newline right after <pre>: keep the log's own
         text = "\n" + text
     return page(request, "frontend/jobs/detail.html", {
@@ -127,7 +136,7 @@ def job_log(request: HttpRequest, scope: Scope, job_id: UUID) -> HttpResponse:
     piece, complete = _read(job, int(offset), LOG_POLL_BYTES)
     # One top-level element per template and no whitespace between them: whatever is not swapped out
     # of band is appended to the log.
-    parts = [escape(piece.data.decode("utf-8", errors="replace")),
+    parts = [escape(_display(piece.data)),
              render_to_string("frontend/jobs/_poller.html",
                               {"oob": True, **_poller_context(scope, job, piece.next_offset, complete)}).strip()]
     if request.GET.get("v") != _head_version(job):

@@ -578,6 +578,20 @@ def test_a_log_poll_returns_only_the_new_text_escaped(console: Console, ws: Work
     assert poll(viewer, job, job.log_size, version)[0] == ""
 
 
+def test_terminal_colour_codes_are_not_shown(console: Console, ws: Workspace) -> None:
+    # given Ray's coloured "dashboard at" line in the log, then more of it later
+    job = make_job(ClusterFactory(workspace=ws, name="alpha", status=ClusterStatus.RUNNING),
+                   log=[b"View the dashboard at \x1b[1m\x1b[32mhttp://127.0.0.1:8265 \x1b[39m\x1b[22m\n"])
+    viewer = console(Role.VIEWER)
+    page_html = html(viewer.get(f"/console/w/acme/jobs/{job.pk}/"))
+    offset, version = next_poll(page_html)
+    append_log(job, b"\x1b[31mred\x1b[0m text\n")
+    # then the page and each poll show the words without the escape codes
+    assert "View the dashboard at http://127.0.0.1:8265 \n" in html_lib.unescape(page_html)
+    assert "\x1b" not in page_html
+    assert poll(viewer, job, offset, version)[0] == "red text\n"
+
+
 def test_a_log_poll_never_splits_a_character(console: Console, ws: Workspace,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     # given a log of multi-byte characters, stored in chunks that split one, read three bytes a poll
