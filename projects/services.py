@@ -59,9 +59,12 @@ def existing_hashes(workspace: Workspace, hashes: Iterable[str]) -> dict[str, in
 
 
 def blobs_missing(*, workspace: Workspace, hashes: list[str]) -> list[str]:
-    """Those of `hashes` (in order, once each) that this workspace does not have."""
-    found = existing_hashes(workspace, hashes)
-    return [h for h in dict.fromkeys(hashes) if h not in found]
+    """Those of `hashes` (in order, once each) that this workspace does not have: no row, or a row whose
+    bytes the store no longer holds (projects.storage: a crash may cost a file its row kept)."""
+    rows = existing_hashes(workspace, hashes)
+    keys = {blob_key(workspace.pk, h): h for h in rows}
+    held = {keys[k] for k in blob_store().present({k: rows[h] for k, h in keys.items()})}
+    return [h for h in dict.fromkeys(hashes) if h not in held]
 
 
 def blob_upload(*, workspace: Workspace, sha256: str, chunks: Iterable[bytes], actor: Actor,
@@ -83,7 +86,7 @@ def blob_upload(*, workspace: Workspace, sha256: str, chunks: Iterable[bytes], a
             raise HashMismatch(f"The body hashes to {digest}, not to {sha256}; nothing was stored.",
                                {"sha256": [f"The body's SHA-256 is {digest}."]})
         existing = Blob.objects.for_workspace(workspace).filter(sha256=sha256).first()
-        if existing is not None and store.exists(key):
+        if existing is not None and store.exists(key) and store.present({key: existing.size}):
             return existing, False  # the temporary copy is dropped on leaving the block
         writer.commit()
     if existing is not None:  # the row outlived its file: the file is back now

@@ -254,3 +254,24 @@ def test_a_body_over_the_json_limit_is_413_not_500(api: Api, workspace: Workspac
     response = api.post(f"workspaces/{workspace.slug}/snapshots/", {"files": files})
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "too_large"
+
+
+@pytest.mark.parametrize("damage", ["deleted", "cut short"])
+def test_a_blob_a_crash_damaged_is_missing_again_and_its_upload_repairs_it(api: Api, workspace: Workspace,
+                                                                            blob_dir, damage: str):
+    # given: a recorded blob whose file a crash took (the local store does not fsync each blob)
+    data = b"weights " * 1000
+    assert put_blob(api, workspace.slug, data).status_code == 201
+    path = blob_dir / str(workspace.pk) / sha(data)[:2] / sha(data)
+    if damage == "deleted":
+        path.unlink()
+    else:
+        path.write_bytes(data[:100])
+    base = f"workspaces/{workspace.slug}/blobs/missing"
+    # then: the server says it is missing, so the client sends it again
+    assert api.post(base, {"sha256": [sha(data)]}).json() == {"missing": [sha(data)]}
+    again = put_blob(api, workspace.slug, data)
+    assert again.status_code == 200 and again.json()["created"] is False
+    assert path.read_bytes() == data
+    assert api.post(base, {"sha256": [sha(data)]}).json() == {"missing": []}
+    assert Blob.objects.filter(workspace=workspace).count() == 1
