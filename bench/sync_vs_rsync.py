@@ -16,7 +16,7 @@ Per run, interleaved so that both sides see the same machine and the same page c
 5. ours, incremental: `cloudctl sync --json` again (warm cache, same workspace).
 Each of ours is checked: the first uploads every file, the incremental exactly one blob and
 hashes exactly one file. Every step starts after `sync(2)`, so that no step pays for the
-writeback of the one before (rsync never fsyncs; the blob store fsyncs each blob).
+writeback of the one before (neither rsync nor the local blob store fsyncs each file).
 
 Prints a markdown table (median, min, max seconds), then, last, `ratio sync_first_vs_rsync: X`
 and `ratio sync_incremental_vs_rsync: Y`: our median divided by rsync's.
