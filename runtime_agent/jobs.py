@@ -43,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime_agent.client import AgentClient, ClientError, NotFound, Unreachable
+from runtime_agent.client import AgentClient, ClientError, NotFound, ProtocolError, Unreachable
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ LOG_CHUNK = 512 * 1024  # bytes per report
 DOWNLOAD_WORKERS = 8
 REPORT_RETRY_S = 1.0
 PREAMBLE_SCAN = 64 * 1024  # Ray's own lines at the top of a driver log are well within this
+ARCHIVES_KEPT = 8  # working-directory archives kept on the head, newest first
 SMALL_FILE = 1024 * 1024  # files below this are deflated in the archive; larger ones are stored
 TOP_DIR = "project"  # the archive's single top-level folder: Ray strips it, whatever the project holds
 RAY_TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -132,6 +133,18 @@ def build_archive(files: list[list], cache: BlobCache, dest: str) -> int:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
+
+
+def prune_archives(folder: str, keep: int) -> None:
+    """Keep the `keep` newest archives (a re-run of an unchanged project reuses its snapshot's archive)."""
+    try:
+        entries = sorted((e for e in os.scandir(folder) if e.name.endswith(".zip") and not e.name.startswith(".") and e.is_file()),
+                         key=lambda e: e.stat().st_mtime, reverse=True)
+    except FileNotFoundError:
+        return
+    for entry in entries[keep:]:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry.path)
 
 
 class ArchiveServer:
@@ -295,6 +308,9 @@ class JobRunner:
                 logger.warning("agent.job.gone job=%s", self.job_id)
                 self.stop_requested.set()
                 return None
+            except ProtocolError as exc:  # refused as malformed: resending the same body cannot help
+                logger.error("agent.job.report_refused job=%s error=%s", self.job_id, exc)
+                return None
             except ClientError as exc:
                 if not final and status is None and log is None:
                     return None  # a progress note may be dropped
@@ -368,6 +384,7 @@ class JobRunner:
                         break
             fetched_s = time.monotonic() - started
             size = build_archive(files, self.ctx.cache, archive)
+            prune_archives(self.ctx.archives, keep=ARCHIVES_KEPT)
             logger.info("agent.job.staged job=%s files=%s fetched=%s fetch_s=%.2f archive_bytes=%s total_s=%.2f",
                         self.job_id, len(files), len(missing), fetched_s, size, time.monotonic() - started)
         return self.ctx.server.url_for(name)

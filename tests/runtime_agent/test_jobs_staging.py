@@ -103,3 +103,15 @@ def test_a_download_is_streamed_into_the_cache(tmp_path: Path):
 
     assert cache.fetch(sha(data), download) == len(data)
     assert Path(cache.path(sha(data))).read_bytes() == data
+
+
+def test_only_the_newest_archives_are_kept(tmp_path: Path):
+    from runtime_agent.jobs import prune_archives
+
+    for i in range(5):
+        archive = tmp_path / f"snap-{i}.zip"
+        archive.write_bytes(b"z")
+        os.utime(archive, (1_000_000 + i, 1_000_000 + i))
+    (tmp_path / ".archive-k2j4.zip").write_bytes(b"")  # another job's archive, still being written
+    prune_archives(str(tmp_path), keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".archive-k2j4.zip", "snap-3.zip", "snap-4.zip"]
