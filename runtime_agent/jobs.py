@@ -138,8 +138,9 @@ def build_archive(files: list[list], cache: BlobCache, dest: str) -> int:
 def prune_archives(folder: str, keep: int) -> None:
     """Keep the `keep` newest archives (a re-run of an unchanged project reuses its snapshot's archive)."""
     try:
-        entries = sorted((e for e in os.scandir(folder) if e.name.endswith(".zip") and not e.name.startswith(".") and e.is_file()),
-                         key=lambda e: e.stat().st_mtime, reverse=True)
+        done = (e for e in os.scandir(folder)  # ".archive-…" ones are still being written
+                if e.name.endswith(".zip") and not e.name.startswith(".") and e.is_file())
+        entries = sorted(done, key=lambda e: e.stat().st_mtime, reverse=True)
     except FileNotFoundError:
         return
     for entry in entries[keep:]:

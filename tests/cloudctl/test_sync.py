@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -375,12 +376,17 @@ def server(live_server: Any, transactional_db: None, settings: Any, tmp_path: Pa
     MembershipFactory(workspace=workspace, user=user, role=Role.OWNER)
     _, token = token_create(user=user, name="sync-test")
     uploads = Uploads()
+    client = Client(live_server.url, token, workspace.slug)
     request_started.connect(uploads)
     try:
         yield {"url": live_server.url, "token": token, "workspace": workspace, "uploads": uploads,
-               "client": Client(live_server.url, token, workspace.slug), "blobs": tmp_path / "blobs"}
+               "client": client, "blobs": tmp_path / "blobs"}
     finally:
         request_started.disconnect(uploads)
+        # A kept-alive HTTP connection keeps its server thread, and that thread's database
+        # connection, until it closes; PostgreSQL then cannot drop the test database.
+        client.session.close()
+        gc.collect()  # the clients `cloudctl` made in the CLI tests, and their connections
 
 
 def server_snapshot(client: Client, snapshot_id: str) -> dict:
