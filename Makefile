@@ -32,7 +32,7 @@ test-fast: $(STAMP)
 
 test: $(STAMP) lint
 	$(PY) manage.py makemigrations --check --dry-run
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 clean:
 	rm -rf $(VENV) .cumulus
