@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import quote, urlparse
+from urllib.parse import quote, urlsplit
 
-import requests
-
+from cloudctl import transport
 from cloudctl.config import Config
 from cloudctl.errors import CloudctlError, api_error
 
@@ -19,13 +18,11 @@ class Client:
             raise CloudctlError("Not logged in; run `cloudctl login --url URL --token TOKEN` "
                                 "(or set CLOUDCTL_URL and CLOUDCTL_TOKEN).")
         self.url = url.rstrip("/")
-        parsed = urlparse(self.url)
+        parsed = urlsplit(self.url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise CloudctlError(f"{url} is not a valid control-plane URL; give one like http://127.0.0.1:8000.")
         self.workspace = workspace
-        self.session = requests.Session()
-        self.session.headers["Authorization"] = f"Bearer {token}"
-        self.session.headers["Accept"] = "application/json"
+        self.session = transport.new_session({"Authorization": f"Bearer {token}", "Accept": "application/json"})
 
     @classmethod
     def from_config(cls, config: Config) -> Client:
@@ -33,16 +30,7 @@ class Client:
 
     def request(self, method: str, path: str, *, not_found: str | None = None, **kwargs: Any) -> Any:
         url = path if path.startswith(("http://", "https://")) else f"{self.url}/api/v1/{path.lstrip('/')}"
-        try:
-            response = self.session.request(method, url, timeout=TIMEOUT_S, **kwargs)
-        except requests.exceptions.InvalidURL:
-            raise CloudctlError(f"{self.url} is not a valid control-plane URL.") from None
-        except requests.exceptions.MissingSchema:
-            raise CloudctlError(f"{self.url} is not a valid control-plane URL; it needs http:// or https://.") from None
-        except requests.exceptions.Timeout:
-            raise CloudctlError(f"The control plane at {self.url} did not answer within {TIMEOUT_S} seconds.") from None
-        except requests.exceptions.RequestException:
-            raise CloudctlError(f"Cannot reach the control plane at {self.url}; is it running?") from None
+        response = self._send(method, url, **kwargs)
         try:
             body = response.json() if response.content else None
         except ValueError:
@@ -54,6 +42,16 @@ class Client:
             raise CloudctlError(f"{self.url} answered something that is not the Cumulus API (no JSON); "
                                 "check the URL.")
         return body
+
+    def _send(self, method: str, url: str, **kwargs: Any) -> Any:
+        try:
+            return self.session.request(method, url, timeout=TIMEOUT_S, **kwargs)
+        except transport.InvalidURL:
+            raise CloudctlError(f"{self.url} is not a valid control-plane URL.") from None
+        except transport.Timeout:
+            raise CloudctlError(f"The control plane at {self.url} did not answer within {TIMEOUT_S} seconds.") from None
+        except transport.TransportError:
+            raise CloudctlError(f"Cannot reach the control plane at {self.url}; is it running?") from None
 
     def paginated(self, path: str, params: dict | None = None, **kwargs: Any) -> list[dict]:
         page = self.request("GET", path, params={"page_size": 500, **(params or {})}, **kwargs)
@@ -142,13 +140,7 @@ class Client:
 
     def _sync_request(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
         """Like `request`, but a 400 comes back as (400, body): sync reacts to the error's code and fields."""
-        url = f"{self.url}/api/v1/{path.lstrip('/')}"
-        try:
-            response = self.session.request(method, url, timeout=TIMEOUT_S, **kwargs)
-        except requests.exceptions.Timeout:
-            raise CloudctlError(f"The control plane at {self.url} did not answer within {TIMEOUT_S} seconds.") from None
-        except requests.exceptions.RequestException:
-            raise CloudctlError(f"Cannot reach the control plane at {self.url}; is it running?") from None
+        response = self._send(method, f"{self.url}/api/v1/{path.lstrip('/')}", **kwargs)
         try:
             body = response.json() if response.content else None
         except ValueError:
@@ -194,14 +186,33 @@ class Client:
         return answer
 
     def snapshot_create(self, files: list[dict]) -> dict:
-        """Record a manifest of {path, sha256, size, mode}; MissingBlobs if the workspace lacks some of its blobs."""
-        status, answer = self._sync_request("POST", f"workspaces/{self._ws()}/snapshots/", json={"files": files})
+        """Record a manifest of {path, sha256, size, mode}; MissingBlobs if the workspace lacks some of its blobs.
+
+        If the workspace already has a snapshot of exactly this manifest, the answer is that one.
+        """
+        return self._snapshot({"files": files})
+
+    def snapshot_create_from(self, base: str, changes: list[dict], removed: list[str], digest: str | None = None
+                             ) -> dict:
+        """Record the manifest of snapshot `base` with `changes` ({path, sha256, size, mode}: new or changed files)
+        and without `removed` (paths), which must come out as `digest` if given. MissingBlobs as for
+        `snapshot_create`; BaseRefused if the server will not make it from `base` (gone, not this workspace's,
+        or not holding what the caller thinks it does)."""
+        body: dict = {"base": base, "changes": changes, "removed": removed}
+        if digest is not None:
+            body["digest"] = digest
+        return self._snapshot(body)
+
+    def _snapshot(self, body: dict) -> dict:
+        status, answer = self._sync_request("POST", f"workspaces/{self._ws()}/snapshots/", json=body)
         if status == 400:
             error = answer.get("error") if isinstance(answer, dict) else None
             fields = error.get("fields") if isinstance(error, dict) else None
             missing = fields.get("missing") if isinstance(fields, dict) else None
             if isinstance(missing, list) and missing:
                 raise MissingBlobs([str(h) for h in missing])
+            if "base" in body and isinstance(fields, dict) and fields.keys() & {"base", "removed", "digest"}:
+                raise BaseRefused(api_error(status, answer).message)
             raise api_error(status, answer)
         return answer
 
@@ -212,3 +223,7 @@ class MissingBlobs(CloudctlError):
     def __init__(self, missing: list[str]) -> None:
         super().__init__(f"The control plane lacks {len(missing)} of the snapshot's blobs.")
         self.missing = missing
+
+
+class BaseRefused(CloudctlError):
+    """The server would not make a snapshot from the given base (e.g. it is gone): send the whole manifest."""

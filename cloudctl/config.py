@@ -7,17 +7,30 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cloudctl.errors import CloudctlError
 
 
-@dataclass
 class Config:
-    url: str = ""
-    token: str = ""
-    workspace: str = ""
+    """Where cloudctl signs in and as whom; equal when every field is (a plain class: `dataclasses` costs 8 ms)."""
+
+    __slots__ = ("token", "url", "workspace")
+    __hash__ = None  # mutable, compared by value
+
+    def __init__(self, url: str = "", token: str = "", workspace: str = "") -> None:
+        self.url = url
+        self.token = token
+        self.workspace = workspace
+
+    def as_dict(self) -> dict[str, str]:
+        return {"url": self.url, "token": self.token, "workspace": self.workspace}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Config) and self.as_dict() == other.as_dict()
+
+    def __repr__(self) -> str:
+        return f"Config(url={self.url!r}, token={'***' if self.token else ''!r}, workspace={self.workspace!r})"
 
 
 def config_dir() -> Path:
@@ -64,7 +77,7 @@ def save(config: Config) -> Path:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(asdict(config), f, indent=2)
+            json.dump(config.as_dict(), f, indent=2)
             f.write("\n")
         os.chmod(tmp, 0o600)
         os.replace(tmp, path)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+INTERRUPTED = "Interrupted; what was already requested goes on (`cloudctl status` shows it)."
+
 
 class CloudctlError(Exception):
     """A failure to show as one clear sentence (plus detail lines) on stderr, then exit `code`."""

@@ -14,7 +14,7 @@ import typer
 from cloudctl import config as config_mod
 from cloudctl import output
 from cloudctl.client import Client
-from cloudctl.errors import CloudctlError
+from cloudctl.errors import INTERRUPTED, CloudctlError
 from cloudctl.project import Project, load_project, read_yaml
 
 app = typer.Typer(help="Command-line client of a Cumulus control plane.", no_args_is_help=True,
@@ -47,8 +47,7 @@ def fail_cleanly(func: F) -> F:
                 output.err.print(line, markup=False, soft_wrap=True)
             raise typer.Exit(exc.code) from None
         except KeyboardInterrupt:
-            output.err.print("Interrupted; what was already requested goes on (`cloudctl status` shows it).",
-                             markup=False, soft_wrap=True)
+            output.err.print(INTERRUPTED, markup=False, soft_wrap=True)
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
@@ -496,16 +495,6 @@ def sync(
     The project is the directory of the nearest cloud.yaml, or the current directory outside a
     project. .gitignore and .cloudignore files and cloud.yaml's job.excludes say what to leave out.
     """
-    from cloudctl import sync as sync_mod  # imported here: the other commands need neither it nor pathspec
+    from cloudctl.sync import sync_command  # imported here: the other commands do not need it
 
-    project = load_project(file, required=file is not None)
-    root = project.root if project is not None else Path.cwd()
-    limit = sync_mod.parse_size(max_size) if max_size is not None else None
-    result = sync_mod.sync_project(client(), root, excludes=project.job.excludes if project is not None else [],
-                                   max_bytes=limit, progress=not json_out)
-    if json_out:
-        output.print_json({"snapshot_id": result.snapshot_id, "files": result.files, "bytes": result.bytes,
-                           "uploaded_blobs": result.uploaded_blobs, "uploaded_bytes": result.uploaded_bytes,
-                           "hashed_files": result.hashed_files})
-    else:
-        output.out.print(sync_mod.summary(result), markup=False, soft_wrap=True)
+    sync_command(file, max_size, json_out, make_client=client)

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from cloudctl.errors import CloudctlError
 
@@ -14,19 +11,33 @@ PROJECT_FILE = "cloud.yaml"
 TOP_LEVEL_KEYS = ("cluster", "job")
 JOB_KEYS = ("env", "pip", "excludes")
 
+# Plain classes, not dataclasses: `cloudctl sync` reads this module on its way, and `dataclasses`
+# imports `inspect` (8 ms).
 
-@dataclass
+
 class JobDefaults:
-    env: dict[str, str] = field(default_factory=dict)
-    pip: list[str] = field(default_factory=list)
-    excludes: list[str] = field(default_factory=list)
+    __slots__ = ("env", "excludes", "pip")
+
+    def __init__(self, env: dict[str, str] | None = None, pip: list[str] | None = None,
+                 excludes: list[str] | None = None) -> None:
+        self.env = env if env is not None else {}
+        self.pip = pip if pip is not None else []
+        self.excludes = excludes if excludes is not None else []
+
+    def __repr__(self) -> str:
+        return f"JobDefaults(env={self.env!r}, pip={self.pip!r}, excludes={self.excludes!r})"
 
 
-@dataclass
 class Project:
-    path: Path
-    cluster: dict[str, Any]
-    job: JobDefaults
+    __slots__ = ("cluster", "job", "path")
+
+    def __init__(self, path: Path, cluster: dict[str, Any], job: JobDefaults) -> None:
+        self.path = path
+        self.cluster = cluster
+        self.job = job
+
+    def __repr__(self) -> str:
+        return f"Project(path={self.path!r}, cluster={self.cluster!r}, job={self.job!r})"
 
     @property
     def root(self) -> Path:
@@ -57,6 +68,8 @@ def read_yaml(path: Path, what: str = "file") -> Any:
         raise CloudctlError(f"{path} is a directory, not a {what}.") from None
     except OSError as exc:
         raise CloudctlError(f"Cannot read {path}: {exc.strerror}.") from None
+    import yaml  # here: a project without cloud.yaml does not pay for it
+
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -8,10 +8,10 @@ from django.core.validators import RegexValidator
 from rest_framework import serializers
 
 from controlplane.api.fields import StrictCharField, StrictIntegerField, StrictSerializer
+from projects.models import MAX_SNAPSHOT_FILES
 
 SHA256_REGEX = r"[0-9a-f]{64}"
 MAX_MISSING_QUERY = 10_000
-MAX_SNAPSHOT_FILES = 100_000
 MAX_PATH = 4096
 
 sha256_validator = RegexValidator(rf"^{SHA256_REGEX}\Z", "A SHA-256 is 64 lowercase hexadecimal characters.")
@@ -82,53 +82,119 @@ _SHA256_RE = re.compile(rf"{SHA256_REGEX}\Z")
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 
-def _plain_manifest(data: object) -> list[dict] | None:
-    """The manifest as it is, if every entry passes exactly the checks of SnapshotFileIn; else None.
+def _plain_path(path: object) -> bool:
+    """Whether `path` passes exactly the checks of a manifest path (check_path, its length, no surrogates)."""
+    return (type(path) is str and 0 < len(path) <= MAX_PATH and not path.startswith("/") and "\x00" not in path
+            and "\\" not in path and (path.isascii() or not _SURROGATE_RE.search(path))
+            and not any(s in ("", ".", "..") for s in path.split("/")))
+
+
+def _plain_entries(files: object) -> bool:
+    """Whether every entry of `files` passes exactly the checks of SnapshotFileIn, and no path repeats."""
+    if not isinstance(files, list):
+        return False
+    seen: set[str] = set()
+    for f in files:
+        if type(f) is not dict or f.keys() != _FILE_KEYS:
+            return False
+        path, sha256, size, mode = f["path"], f["sha256"], f["size"], f["mode"]
+        if (type(sha256) is not str or type(size) is not int or type(mode) is not int or not _SHA256_RE.match(sha256)
+                or size < 0 or not 0 <= mode <= 0o7777 or path in seen or not _plain_path(path)):
+            return False
+        seen.add(path)
+    return True
+
+
+def _plain_request(data: object) -> dict | None:
+    """The request's lists as they are, if each passes exactly the checks of its field; else None.
 
     The nested serializer costs about 60 microseconds per entry, most of a 10,000-file sync's
     snapshot; a manifest from cloudctl is always well-formed, so it takes this path, and any
-    other input takes the serializer's, which builds the per-field errors.
+    other input takes the serializer's, which builds the per-field errors. `base`, one value,
+    is left to its field.
     """
-    if not isinstance(data, dict) or data.keys() != {"files"} or not isinstance(data["files"], list):
+    if not isinstance(data, dict):
         return None
+    if "digest" in data and not (type(data["digest"]) is str and _SHA256_RE.match(data["digest"])):
+        return None
+    digest = {"digest": data["digest"]} if "digest" in data else {}
+    if data.keys() - {"digest"} == {"files"}:
+        return {"files": data["files"], **digest} if _plain_entries(data["files"]) else None
+    if "base" not in data or not data.keys() <= {"base", "changes", "removed", "digest"}:
+        return None
+    changes, removed = data.get("changes", []), data.get("removed", [])
+    if (not _plain_entries(changes) or not isinstance(removed, list) or not all(_plain_path(p) for p in removed)
+            or len(set(removed)) != len(removed)):
+        return None
+    return {"changes": changes, "removed": removed, **digest}
+
+
+def _refuse_duplicates(paths: list[str], field: str | None = "path") -> None:
+    """A path given twice is an error at its second index (under `field`, for a list of entries)."""
     seen: set[str] = set()
-    for f in data["files"]:
-        if type(f) is not dict or f.keys() != _FILE_KEYS:
-            return None
-        path, sha256, size, mode = f["path"], f["sha256"], f["size"], f["mode"]
-        if (type(path) is not str or type(sha256) is not str or type(size) is not int or type(mode) is not int
-                or not 0 < len(path) <= MAX_PATH or not _SHA256_RE.match(sha256) or size < 0
-                or not 0 <= mode <= 0o7777 or path in seen):
-            return None
-        if (path.startswith("/") or "\x00" in path or "\\" in path
-                or (not path.isascii() and _SURROGATE_RE.search(path))
-                or any(s in ("", ".", "..") for s in path.split("/"))):
-            return None
+    errors: dict[str, dict | list] = {}
+    for i, path in enumerate(paths):
+        if path in seen:
+            message = [f"Duplicate path: {path}."]
+            errors[str(i)] = {field: message} if field else message
         seen.add(path)
-    return data["files"]
+    if errors:
+        raise serializers.ValidationError(errors)
 
 
 class SnapshotCreate(StrictSerializer):
-    files = serializers.ListField(child=SnapshotFileIn(), max_length=MAX_SNAPSHOT_FILES,
-                                  help_text=f"The manifest, at most {MAX_SNAPSHOT_FILES} files.")
+    """Either the whole manifest (`files`), or a snapshot of the workspace (`base`) and how the new one differs."""
+
+    files = serializers.ListField(child=SnapshotFileIn(), max_length=MAX_SNAPSHOT_FILES, required=False,
+                                  help_text=f"The whole manifest, at most {MAX_SNAPSHOT_FILES} files.")
+    base = serializers.UUIDField(required=False,
+                                 help_text="Instead of `files`: a snapshot of this workspace that the new one is "
+                                           "made from, with `changes` and without `removed`.")
+    changes = serializers.ListField(child=SnapshotFileIn(), max_length=MAX_SNAPSHOT_FILES, required=False,
+                                    help_text="With `base`: the files added or changed since it.")
+    removed = serializers.ListField(
+        child=StrictCharField(max_length=MAX_PATH, trim_whitespace=False, validators=[check_path]),
+        max_length=MAX_SNAPSHOT_FILES, required=False, help_text="With `base`: the paths of it that are gone.")
+    digest = sha256_field(required=False,
+                          help_text="Optional: the digest the manifest must have, the SHA-256 of a line `path NUL "
+                                    "sha256 NUL size NUL mode LF` per file (decimal numbers) sorted by path. A "
+                                    "manifest that comes out otherwise is refused (400 naming `digest`).")
 
     def to_internal_value(self, data):
-        _refuse_long_list(data, "files", MAX_SNAPSHOT_FILES)
-        plain = _plain_manifest(data)
-        if plain is not None:
-            return {"files": plain}
-        return super().to_internal_value(data)
+        for key in ("files", "changes", "removed"):
+            _refuse_long_list(data, key, MAX_SNAPSHOT_FILES)
+        plain = _plain_request(data)
+        if plain is None:
+            return super().to_internal_value(data)
+        if "base" in data:
+            try:
+                plain["base"] = self.fields["base"].run_validation(data["base"])
+            except serializers.ValidationError as error:
+                raise serializers.ValidationError({"base": error.detail}) from None
+        return plain
 
     def validate_files(self, files: list[dict]) -> list[dict]:
-        seen: set[str] = set()
-        errors: dict[str, dict[str, list[str]]] = {}
-        for i, f in enumerate(files):
-            if f["path"] in seen:
-                errors[str(i)] = {"path": [f"Duplicate path: {f['path']}."]}
-            seen.add(f["path"])
-        if errors:
-            raise serializers.ValidationError(errors)
+        _refuse_duplicates([f["path"] for f in files])
         return files
+
+    def validate_changes(self, changes: list[dict]) -> list[dict]:
+        _refuse_duplicates([f["path"] for f in changes])
+        return changes
+
+    def validate_removed(self, removed: list[str]) -> list[str]:
+        _refuse_duplicates(removed, field=None)
+        return removed
+
+    def validate(self, attrs: dict) -> dict:
+        if "files" in attrs:
+            extra = sorted(key for key in ("base", "changes", "removed") if key in attrs)
+            if extra:
+                raise serializers.ValidationError({key: ["Give either `files`, or `base` with `changes` and "
+                                                         "`removed`, not both."] for key in extra})
+        elif "base" not in attrs:
+            raise serializers.ValidationError({"files": ["Give the whole manifest, or `base` with `changes` and "
+                                                         "`removed`."]})
+        return attrs
 
 
 class SnapshotOut(serializers.Serializer):

@@ -122,11 +122,27 @@ class SnapshotViewSet(WorkspaceScopedViewSet):
     lookup_url_kwarg = "snapshot_id"
     lookup_value_regex = UUID_REGEX
 
-    @extend_schema(request=SnapshotCreate, responses={201: SnapshotOut, **errors(400, 401, 403, 404)})
+    @extend_schema(
+        request=SnapshotCreate,
+        responses={
+            200: OpenApiResponse(SnapshotOut, description="The workspace already has a snapshot of exactly this "
+                                                          "manifest: that one, unchanged."),
+            201: OpenApiResponse(SnapshotOut, description="Recorded."),
+            **errors(400, 401, 403, 404, 413),
+        },
+        description="Record a manifest, given whole (`files`) or as a snapshot of this workspace (`base`) with "
+                    "the files added or changed since (`changes`, entries like those of `files`) and the paths "
+                    "gone (`removed`, each a file of `base`); the rest of `base` is copied. Every file must be an "
+                    "uploaded blob of the workspace, with its size; otherwise the 400 lists the hashes to upload "
+                    "in `fields.missing`. A `base` that is not a snapshot of this workspace, or a removed path "
+                    "that is not in it, is a 400 naming `base` or `removed`; so is a manifest that does not come "
+                    "out as the `digest` given with it, if one is. Snapshots are named by their manifest: asking "
+                    "again for one the workspace has returns it (200), with the same id.",
+    )
     def create(self, request: Request, ws: str) -> Response:
-        files = SnapshotCreate.validated(request.data)["files"]
-        snapshot = services.snapshot_create(workspace=self.workspace, files=files, actor=self.actor)
-        return Response(SnapshotOut(snapshot).data, status=status.HTTP_201_CREATED)
+        data = SnapshotCreate.validated(request.data)
+        snapshot, created = services.snapshot_record(workspace=self.workspace, actor=self.actor, **data)
+        return Response(SnapshotOut(snapshot).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
     @extend_schema(responses={200: SnapshotDetail, **errors(401, 404)})
     def retrieve(self, request: Request, ws: str, snapshot_id: str) -> Response:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import stat
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -284,6 +285,77 @@ def test_a_file_that_changes_while_being_hashed_is_read_again(project: Path, mon
     assert entry.sha256 == sha(b"three") and entry.size == 5
 
 
+def test_a_sync_that_changed_a_few_files_appends_them_to_the_journal(project: Path):
+    # given: a tree hashed and saved once: the whole file, no journal
+    make_tree(project, 50)
+    entries = walk_project(project)
+    hash_entries(entries, HashCache.load(str(project)))
+    cache = HashCache.load(str(project))
+    cache.save(entries, "http://cp ws", "snap-1")
+    assert cache.path.exists() and not cache.journal.exists()
+    whole = cache.path.read_bytes()
+    # when: nothing changed, nothing is written
+    same, loaded = walk_project(project), HashCache.load(str(project))
+    assert hash_entries(same, loaded) == 0
+    loaded.save(same, "http://cp ws", "snap-1")
+    assert cache.path.read_bytes() == whole and not cache.journal.exists()
+    # when: one file changes and one goes
+    write(project, "pkg3/mod3.py", "changed = True\n")
+    (project / "pkg4/mod4.py").unlink()
+    again = walk_project(project)
+    assert hash_entries(again, HashCache.load(str(project))) == 1
+    HashCache.load(str(project)).save(again, "http://cp ws", "snap-2")
+    # then: one line in the journal, the file as it was
+    assert cache.path.read_bytes() == whole
+    (line,) = cache.journal.read_bytes().splitlines()
+    assert set(json.loads(line)["files"]) == {"pkg3/mod3.py", "pkg4/mod4.py"}
+    assert json.loads(line)["files"]["pkg4/mod4.py"] is None
+    # and reading it back gives the new state
+    loaded = HashCache.load(str(project))
+    assert loaded.last_snapshot("http://cp ws") == "snap-2"
+    assert "pkg4/mod4.py" not in loaded.files and len(loaded.files) == 49
+    assert hash_entries(walk_project(project), loaded) == 0
+    assert stat.S_IMODE(cache.journal.stat().st_mode) == 0o600
+
+
+def test_a_journal_cut_short_is_read_up_to_its_last_whole_line_then_folded_into_the_file(project: Path):
+    make_tree(project, 5)
+    entries = walk_project(project)
+    hash_entries(entries, HashCache.load(str(project)))
+    HashCache.load(str(project)).save(entries, "http://cp ws", "snap-1")
+    write(project, "pkg1/mod1.py", "one more\n")
+    again = walk_project(project)
+    hash_entries(again, HashCache.load(str(project)))
+    HashCache.load(str(project)).save(again, "http://cp ws", "snap-2")
+    cache = HashCache.load(str(project))
+    with open(cache.journal, "ab") as f:
+        f.write(b'{"version": 2, "files": {"pkg0/mod0.py": [1, 2, ')  # a crash in the middle of a line
+    loaded = HashCache.load(str(project))
+    assert loaded.last_snapshot("http://cp ws") == "snap-2" and loaded.files["pkg0/mod0.py"][0] != 1
+    # the next save writes the whole file again, and the journal is gone
+    write(project, "pkg2/mod2.py", "two more\n")
+    third = walk_project(project)
+    hash_entries(third, loaded)
+    loaded.save(third, "http://cp ws", "snap-3")
+    assert not cache.journal.exists()
+    assert HashCache.load(str(project)).last_snapshot("http://cp ws") == "snap-3"
+    assert hash_entries(walk_project(project), HashCache.load(str(project))) == 0
+
+
+def test_a_long_journal_is_folded_into_the_file(project: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(sync, "JOURNAL_MAX_BYTES", 600)
+    make_tree(project, 5)
+    for i in range(6):
+        write(project, "pkg0/mod0.py", f"version {i}\n")
+        entries = walk_project(project)
+        hash_entries(entries, HashCache.load(str(project)))
+        HashCache.load(str(project)).save(entries, "http://cp ws", f"snap-{i}")
+        cache = HashCache.load(str(project))
+        assert not cache.journal.exists() or cache.journal.stat().st_size < 600 + 400
+        assert cache.last_snapshot("http://cp ws") == f"snap-{i}"
+    assert hash_entries(walk_project(project), HashCache.load(str(project))) == 0
+
+
 # -- without a server: what is refused sends nothing ---------------------------------------------
 
 
@@ -346,10 +418,12 @@ def test_the_cli_reports_the_cap_and_exits_1(project: Path, monkeypatch: pytest.
 
 
 class Uploads:
-    """The blob uploads (PUT blobs/{sha}, POST blobs/batch) the server received."""
+    """The blob uploads (PUT blobs/{sha}, POST blobs/batch) the server received, and the sizes of the snapshot
+    requests' bodies."""
 
     def __init__(self) -> None:
         self.requests: list[tuple[str, str]] = []
+        self.snapshot_bodies: list[int] = []
         self.lock = threading.Lock()
 
     def __call__(self, sender: Any, environ: dict, **kwargs: Any) -> None:
@@ -357,10 +431,14 @@ class Uploads:
         if "/blobs/" in path and (method == "PUT" or path.endswith("/blobs/batch")):
             with self.lock:
                 self.requests.append((method, path))
+        if path.endswith("/snapshots/") and method == "POST":
+            with self.lock:
+                self.snapshot_bodies.append(int(environ.get("CONTENT_LENGTH") or 0))
 
     def clear(self) -> None:
         with self.lock:
             self.requests.clear()
+            self.snapshot_bodies.clear()
 
 
 @pytest.fixture
@@ -394,7 +472,8 @@ def server_snapshot(client: Client, snapshot_id: str) -> dict:
 
 
 def test_a_second_sync_uploads_only_the_changed_file_of_5000(server: dict, project: Path):
-    from projects.models import Blob
+    from controlplane.models import AuditEvent
+    from projects.models import Blob, Snapshot, SnapshotFile
 
     # given: a 5,000-file project, synced once
     client, uploads = server["client"], server["uploads"]
@@ -403,6 +482,7 @@ def test_a_second_sync_uploads_only_the_changed_file_of_5000(server: dict, proje
     first = sync.sync_project(client, project, progress=False)
     assert (first.files, first.uploaded_blobs, first.hashed_files) == (5000, 5000, 5000)
     assert Blob.objects.filter(workspace=server["workspace"]).count() == 5000
+    assert uploads.snapshot_bodies[0] > 5000 * 100  # the whole manifest
     # when: one file changes
     uploads.clear()
     write(project, "pkg07/mod0007.py", "# module 7, edited\nVALUE = 'seven'\n")
@@ -415,13 +495,21 @@ def test_a_second_sync_uploads_only_the_changed_file_of_5000(server: dict, proje
     manifest = {f["path"]: f for f in server_snapshot(client, second.snapshot_id)["files"]}
     assert len(manifest) == 5000
     assert manifest["pkg07/mod0007.py"]["sha256"] == sha(b"# module 7, edited\nVALUE = 'seven'\n")
+    # and the snapshot was asked for as the first one plus that one entry
+    (body,) = uploads.snapshot_bodies
+    assert body < 500, body
+    created = AuditEvent.objects.get(action="snapshot.create", target_id=second.snapshot_id)
+    assert created.data["base"] == first.snapshot_id
     # when: nothing changes
     uploads.clear()
     third = sync.sync_project(client, project, progress=False)
-    # then: nothing is uploaded, nothing hashed, and a snapshot is still recorded
+    # then: nothing is uploaded, nothing hashed, no row written: the snapshot is the second one, same id
     assert (third.uploaded_blobs, third.uploaded_bytes, third.hashed_files) == (0, 0, 0)
     assert uploads.requests == []
-    assert third.snapshot_id not in (first.snapshot_id, second.snapshot_id)
+    assert third.snapshot_id == second.snapshot_id
+    assert len(uploads.snapshot_bodies) == 1 and uploads.snapshot_bodies[0] < 300
+    assert Snapshot.objects.filter(workspace=server["workspace"]).count() == 2
+    assert SnapshotFile.objects.count() == 10_000
     assert Blob.objects.filter(workspace=server["workspace"]).count() == 5001
 
 
@@ -540,3 +628,185 @@ def test_cloudctl_sync_human_and_json(server: dict, project: Path, monkeypatch: 
     assert data["bytes"] == len("print('train')\n") + (project / "cloud.yaml").stat().st_size
     manifest = server_snapshot(server["client"], data["snapshot_id"])["files"]
     assert [f["path"] for f in manifest] == ["cloud.yaml", "train.py"]
+
+
+def test_a_base_the_server_no_longer_has_falls_back_to_the_whole_manifest(server: dict, project: Path):
+    from projects.models import Snapshot
+
+    client, uploads = server["client"], server["uploads"]
+    make_tree(project, 300)
+    first = sync.sync_project(client, project, progress=False)
+    Snapshot.objects.filter(pk=first.snapshot_id).delete()
+    write(project, "pkg1/mod1.py", "edited\n")
+    uploads.clear()
+    second = sync.sync_project(client, project, progress=False)
+    assert second.uploaded_blobs == 1
+    small, whole = uploads.snapshot_bodies  # the delta, refused; then the whole manifest
+    assert small < 600 < whole
+    manifest = {f["path"]: f["sha256"] for f in server_snapshot(client, second.snapshot_id)["files"]}
+    assert len(manifest) == 300 and manifest["pkg1/mod1.py"] == sha(b"edited\n")
+    # and the next sync makes its delta from the new snapshot
+    uploads.clear()
+    assert sync.sync_project(client, project, progress=False).snapshot_id == second.snapshot_id
+    assert len(uploads.snapshot_bodies) == 1 and uploads.snapshot_bodies[0] < 600
+
+
+def test_a_cache_that_is_wrong_about_its_base_is_caught_by_the_digest(server: dict, project: Path):
+    client, uploads = server["client"], server["uploads"]
+    make_tree(project, 100)
+    first = sync.sync_project(client, project, progress=False)
+    write(project, "pkg2/mod2.py", "edited\n")
+    second = sync.sync_project(client, project, progress=False)
+    # given: a cache whose files are the second tree but which names the first snapshot as their snapshot
+    cache = HashCache.load(os.path.realpath(project))
+    remote = f"{client.url} {client.workspace}"
+    assert cache.last_snapshot(remote) == second.snapshot_id
+    cache._rewrite(cache.files, cache.remotes, {"remote": remote, "id": first.snapshot_id})
+    # when: nothing changed, the delta against the first snapshot is empty and would record the first tree
+    uploads.clear()
+    third = sync.sync_project(client, project, progress=False)
+    # then: the server refuses it (its digest is not the first tree's), and the whole manifest gives the second
+    assert third.snapshot_id == second.snapshot_id
+    assert len(uploads.snapshot_bodies) == 2
+
+
+def test_a_mode_change_alone_is_synced(server: dict, project: Path):
+    client = server["client"]
+    write(project, "run.sh", "#!/bin/sh\n", mode=0o644)
+    write(project, "other.py", "x = 1\n")
+    first = sync.sync_project(client, project, progress=False)
+    (project / "run.sh").chmod(0o755)
+    second = sync.sync_project(client, project, progress=False)
+    assert second.snapshot_id != first.snapshot_id and second.hashed_files == 0
+    modes = {f["path"]: f["mode"] for f in server_snapshot(client, second.snapshot_id)["files"]}
+    assert modes == {"other.py": 0o644, "run.sh": 0o755}
+    (project / "run.sh").chmod(0o644)  # back: the first snapshot again
+    assert sync.sync_project(client, project, progress=False).snapshot_id == first.snapshot_id
+
+
+def test_an_unchanged_project_keeps_its_snapshot_id_through_the_cli_and_cold_caches(
+    server: dict, project: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    write(project, "train.py", "print('train')\n")
+    write(project, "lib/util.py", "X = 1\n")
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("CLOUDCTL_URL", server["url"])
+    monkeypatch.setenv("CLOUDCTL_TOKEN", server["token"])
+    monkeypatch.setenv("CLOUDCTL_WORKSPACE", server["workspace"].slug)
+    first = json.loads(runner.invoke(app, ["sync", "--json"]).stdout)
+    again = json.loads(runner.invoke(app, ["sync", "--json"]).stdout)
+    assert again["snapshot_id"] == first["snapshot_id"] and again["hashed_files"] == 0
+    # another machine (no cache at all) with the same tree gets the same snapshot
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "another-cache"))
+    cold = json.loads(runner.invoke(app, ["sync", "--json"]).stdout)
+    assert cold["snapshot_id"] == first["snapshot_id"] and cold["hashed_files"] == 2
+
+
+# -- the fast path: `cloudctl sync` without typer ---------------------------------------------------
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    ([], {"file": None, "max_size": None, "json_out": False}),
+    (["--json"], {"file": None, "max_size": None, "json_out": True}),
+    (["-f", "a/cloud.yaml", "--max-size", "2G"], {"file": Path("a/cloud.yaml"), "max_size": "2G", "json_out": False}),
+    (["--file=c.yaml", "--max-size=500M", "--json"], {"file": Path("c.yaml"), "max_size": "500M", "json_out": True}),
+    (["--help"], None),
+    (["-h"], None),
+    (["--json", "--json"], None),
+    (["-f"], None),
+    (["-f", "--json"], None),
+    (["-f=x.yaml"], None),
+    (["--json=1"], None),
+    (["--max-size", ""], None),
+    (["extra"], None),
+    (["--", "x"], None),
+    (["--bogus"], None),
+])
+def test_the_fast_path_reads_only_what_it_plainly_understands(args: list[str], expected: dict | None):
+    from cloudctl.cli import sync_options
+
+    assert sync_options(args) == expected
+
+
+def test_the_fast_path_syncs_like_the_typer_command(server: dict, project: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture):
+    import gc
+
+    from cloudctl import cli
+
+    monkeypatch.setattr(gc, "freeze", lambda: None)  # what the executable does as it exits; not in pytest's process
+    write(project, "cloud.yaml", yaml.safe_dump({"cluster": {"name": "p"}, "job": {"excludes": ["data/"]}}))
+    write(project, "train.py", "print('train')\n")
+    write(project, "data/big.csv", "1,2,3\n")
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("CLOUDCTL_URL", server["url"])
+    monkeypatch.setenv("CLOUDCTL_TOKEN", server["token"])
+    monkeypatch.setenv("CLOUDCTL_WORKSPACE", server["workspace"].slug)
+
+    def cloudctl(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["cloudctl", *args])
+        with pytest.raises(SystemExit) as exited:
+            cli.main()
+        out, err = capsys.readouterr()
+        return exited.value.code, out, err
+
+    code, out, err = cloudctl("sync")
+    assert (code, err) == (0, "")
+    assert out.startswith("Synced 2 files (") and ": 2 uploaded (" in out and out.endswith("\n")
+    code, out, _ = cloudctl("sync", "--json")
+    data = json.loads(out)
+    assert code == 0 and (data["files"], data["uploaded_blobs"], data["hashed_files"]) == (2, 0, 0)
+    assert list(data) == ["snapshot_id", "files", "bytes", "uploaded_blobs", "uploaded_bytes", "hashed_files"]
+    typer_run = runner.invoke(app, ["sync", "--json"])
+    assert json.loads(typer_run.stdout) == data
+    # failures: the same sentences and exit codes as through typer
+    code, out, err = cloudctl("sync", "--max-size", "huge")
+    assert (code, out) == (1, "") and err.strip() == "--max-size must be a size such as 500M or 2G, not 'huge'."
+    code, out, err = cloudctl("sync", "--max-size", "20")
+    assert code == 1 and "over the sync limit of 20 B; nothing was uploaded." in err
+    monkeypatch.setenv("CLOUDCTL_URL", "http://127.0.0.1:9")
+    code, _, err = cloudctl("sync")
+    assert code == 1 and err.strip() == "Cannot reach the control plane at http://127.0.0.1:9; is it running?"
+    assert gc.isenabled()  # as it was before
+
+
+def test_anything_else_goes_to_typer(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    from cloudctl import cli
+
+    for args, code, words in ((["sync", "--help"], 0, "--max-size"), (["--help"], 0, "sync"),
+                              (["sync", "--bogus"], 2, "No such option"), (["frobnicate"], 2, "No such command")):
+        monkeypatch.setattr(sys, "argv", ["cloudctl", *args])
+        with pytest.raises(SystemExit) as exited:
+            cli.main()
+        captured = capsys.readouterr()
+        assert exited.value.code == code, args
+        assert words in captured.out + captured.err, args
+
+
+def test_an_incremental_sync_imports_no_cli_framework(server: dict, project: Path):
+    import subprocess
+
+    write(project, "train.py", "print('train')\n")
+    write(project, "sub/.gitignore", "# only a comment\n")
+    env = {**os.environ, "CLOUDCTL_URL": server["url"], "CLOUDCTL_TOKEN": server["token"],
+           "CLOUDCTL_WORKSPACE": server["workspace"].slug}
+    script = ("import sys\n"
+              "sys.argv = ['cloudctl', 'sync', '--json']\n"
+              "from cloudctl import cli\n"
+              "try:\n    cli.main()\nexcept SystemExit as e:\n    code = e.code\n"
+              "heavy = ['typer', 'click', 'rich', 'requests', 'urllib3', 'pathspec', 'yaml', 'dataclasses',\n"
+              "         'concurrent.futures', 'tempfile']\n"
+              "print(code, [m for m in heavy if m in sys.modules], file=sys.stderr)\n")
+
+    def run() -> tuple[str, dict]:
+        result = subprocess.run([sys.executable, "-c", script], cwd=project, env=env, capture_output=True, text=True,
+                                timeout=120)
+        return result.stderr.strip().splitlines()[-1], json.loads(result.stdout)
+
+    run()  # the first sync hashes its files in a thread pool
+    write(project, "train.py", "print('train again')\n")
+    imported, data = run()
+    assert imported == "0 []"
+    assert (data["files"], data["hashed_files"], data["uploaded_blobs"]) == (2, 1, 1)
+    imported, data = run()
+    assert imported == "0 []" and data["hashed_files"] == 0

@@ -1,0 +1,92 @@
+"""The `cloudctl` executable: `cloudctl sync` at once, every other command through the typer app.
+
+Importing typer, click and rich takes about 100 ms before any command starts, more than a whole
+`cloudctl sync` of a project with a file or two changed. So `main` reads the options of `sync`
+itself and runs it, and hands anything else (another command, `--help`, an option it does not
+know, an option given twice) to the typer app in cloudctl.main, which then does exactly what it
+always did. Both run the same `cloudctl.sync.sync_command` and report failures the same way.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+_VALUED = {"-f": "file", "--file": "file", "--max-size": "max_size"}
+
+
+def sync_options(args: list[str]) -> dict | None:
+    """The options of `cloudctl sync ARGS` if ARGS are plainly those (each at most once); else None."""
+    options: dict = {"file": None, "max_size": None, "json_out": False}
+    seen: set[str] = set()
+    rest = iter(args)
+    for arg in rest:
+        if arg == "--json":
+            key, value = "json_out", True
+        else:
+            name, equals, value = arg.partition("=")
+            key = _VALUED.get(name if equals and name.startswith("--") else arg)
+            if key is None:
+                return None
+            if not equals:
+                value = next(rest, "")
+            if not value or value.startswith("-"):
+                return None  # typer's to read (and to refuse, or not)
+        if key in seen:
+            return None
+        seen.add(key)
+        options[key] = value
+    if options["file"] is not None:
+        options["file"] = Path(options["file"])
+    return options
+
+
+def run_sync(file: Path | None, max_size: str | None, json_out: bool) -> int:
+    """`cloudctl sync`; returns the exit status. Failures as cloudctl.main's `fail_cleanly` reports them.
+
+    The cycle collector is kept out of it: nearly all a sync makes (an entry per file, the cache's
+    map) lives until it ends, so the collector would only walk over it again and again.
+    """
+    import gc
+
+    from cloudctl.errors import INTERRUPTED, CloudctlError
+    from cloudctl.sync import sync_command
+
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        sync_command(file, max_size, json_out)
+    except CloudctlError as exc:
+        from cloudctl import output
+
+        for line in exc.lines():
+            output.err.print(line, markup=False, soft_wrap=True)
+        return exc.code
+    except KeyboardInterrupt:
+        from cloudctl import output
+
+        output.err.print(INTERRUPTED, markup=False, soft_wrap=True)
+        return 130
+    finally:
+        if collecting:
+            gc.enable()
+    return 0
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    options = sync_options(args[1:]) if args[:1] == ["sync"] else None
+    if options is None:
+        from cloudctl.main import app
+
+        app()
+        return
+    code = run_sync(**options)
+    import gc
+
+    gc.freeze()  # the process ends here: spare it a last collection over all it made (10 ms for 10,000 files)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
