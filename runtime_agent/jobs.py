@@ -53,6 +53,8 @@ DOWNLOAD_WORKERS = 8
 REPORT_RETRY_S = 1.0
 PREAMBLE_SCAN = 64 * 1024  # Ray's own lines at the top of a driver log are well within this
 ARCHIVES_KEPT = 8  # working-directory archives kept on the head, newest first
+# The head's blob cache is trimmed, least recently used first, to this size after each staging.
+BLOB_CACHE_BYTES = int(os.environ.get("CUMULUS_AGENT_BLOB_CACHE_BYTES", str(10 * 1024**3)))
 SMALL_FILE = 1024 * 1024  # files below this are deflated in the archive; larger ones are stored
 TOP_DIR = "project"  # the archive's single top-level folder: Ray strips it, whatever the project holds
 RAY_TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -83,6 +85,31 @@ class BlobCache:
 
     def has(self, sha256: str) -> bool:
         return os.path.isfile(self.path(sha256))
+
+    def prune(self, max_bytes: int, keep: set[str]) -> int:
+        """Drop the least recently used blobs until the cache holds at most `max_bytes`, never one of `keep`
+        (the job being staged). Returns the bytes freed."""
+        entries = []
+        for folder in os.scandir(self.root):
+            if folder.is_dir():
+                entries.extend(e for e in os.scandir(folder.path) if e.is_file() and not e.name.startswith("."))
+        stats = [(e, e.stat()) for e in entries]
+        total = sum(st.st_size for _, st in stats)
+        freed = 0
+        for entry, st in sorted(stats, key=lambda pair: pair[1].st_mtime):
+            if total - freed <= max_bytes:
+                break
+            if entry.name in keep:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                freed += st.st_size
+        return freed
+
+    def touch(self, sha256: str) -> None:
+        """Mark a blob as just used (the cache's LRU order is its files' modification times)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self.path(sha256))
 
     def fetch(self, sha256: str, download: Callable[[Any], int]) -> int:
         """Download into a temporary file, verify, then move into place. Returns the size."""
@@ -386,6 +413,10 @@ class JobRunner:
             fetched_s = time.monotonic() - started
             size = build_archive(files, self.ctx.cache, archive)
             prune_archives(self.ctx.archives, keep=ARCHIVES_KEPT)
+            wanted = {sha for _, sha, _, _ in files}
+            for sha in wanted:
+                self.ctx.cache.touch(sha)
+            self.ctx.cache.prune(BLOB_CACHE_BYTES, keep=wanted)
             logger.info("agent.job.staged job=%s files=%s fetched=%s fetch_s=%.2f archive_bytes=%s total_s=%.2f",
                         self.job_id, len(files), len(missing), fetched_s, size, time.monotonic() - started)
         return self.ctx.server.url_for(name)

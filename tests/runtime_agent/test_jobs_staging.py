@@ -115,3 +115,17 @@ def test_only_the_newest_archives_are_kept(tmp_path: Path):
     (tmp_path / ".archive-k2j4.zip").write_bytes(b"")  # another job's archive, still being written
     prune_archives(str(tmp_path), keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".archive-k2j4.zip", "snap-3.zip", "snap-4.zip"]
+
+
+def test_the_blob_cache_drops_the_least_recently_used_but_never_the_jobs_own(tmp_path: Path):
+    cache = BlobCache(str(tmp_path / "cache"))
+    blobs = [bytes([i]) * 1000 for i in range(4)]
+    for age, data in enumerate(blobs):
+        cache.fetch(sha(data), lambda out, data=data: out.write(data))
+        os.utime(cache.path(sha(data)), (1_000_000 + age, 1_000_000 + age))
+    oldest, second, third, newest = (sha(b) for b in blobs)
+    # when: trimmed to 2,000 bytes while the job being staged needs the oldest blob
+    freed = cache.prune(2000, keep={oldest})
+    # then: the least recently used of the others go, the job's own stays
+    assert freed == 2000
+    assert [cache.has(h) for h in (oldest, second, third, newest)] == [True, False, False, True]
