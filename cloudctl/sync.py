@@ -603,19 +603,19 @@ def hash_file(entry: FileEntry) -> None:
 
 def hash_entries(entries: Sequence[FileEntry], cache: HashCache, bars: _Bars | None = None) -> int:
     """Fill in every entry's sha256, from the cache where (path, size, mtime_ns) match. Returns how many were read."""
-    todo = []
+    to_hash = []
     for entry in entries:
         digest = cache.lookup(entry)
         if digest is None:
-            todo.append(entry)
+            to_hash.append(entry)
         else:
             entry.sha256 = digest
-    if not todo:
+    if not to_hash:
         return 0
     bars = bars or _Bars(False)
-    task = bars.task("Hashing", len(todo), "files")
-    if len(todo) == 1:
-        hash_file(todo[0])
+    task = bars.task("Hashing", len(to_hash), "files")
+    if len(to_hash) == 1:
+        hash_file(to_hash[0])
         bars.advance(task, 1)
         return 1
     # Small files go in groups: a task per file costs the thread pool more than hashing a few KB.
@@ -623,7 +623,7 @@ def hash_entries(entries: Sequence[FileEntry], cache: HashCache, bars: _Bars | N
     groups: list[list[FileEntry]] = []
     group: list[FileEntry] = []
     size = 0
-    for entry in sorted(todo, key=lambda e: -e.size):
+    for entry in sorted(to_hash, key=lambda e: -e.size):
         group.append(entry)
         size += entry.size
         if len(group) >= HASH_GROUP_FILES or size >= HASH_GROUP_BYTES:
@@ -641,7 +641,7 @@ def hash_entries(entries: Sequence[FileEntry], cache: HashCache, bars: _Bars | N
 
     with ThreadPoolExecutor(HASH_WORKERS, thread_name_prefix="cloudctl-hash") as pool:
         _wait_all(pool, [pool.submit(hash_group, g) for g in groups])
-    return len(todo)
+    return len(to_hash)
 
 
 def _wait_all(pool: ThreadPoolExecutor, futures: list[Future]) -> list[Any]:
@@ -763,13 +763,13 @@ def _bundles(items: list[tuple[str, FileEntry]]) -> list[list[tuple[str, FileEnt
     return bundles
 
 
-def upload_blobs(client: Client, todo: dict[str, FileEntry], bars: _Bars) -> _Uploaded:
-    """Upload one file per hash in `todo`, several requests at a time; report the hashes refused as changed."""
+def upload_blobs(client: Client, to_hash: dict[str, FileEntry], bars: _Bars) -> _Uploaded:
+    """Upload one file per hash in `to_hash`, several requests at a time; report the hashes refused as changed."""
     total = _Uploaded()
-    if not todo:
+    if not to_hash:
         return total
-    task = bars.task("Uploading", sum(e.size for e in todo.values()), "bytes")
-    items = sorted(todo.items(), key=lambda item: -item[1].size)
+    task = bars.task("Uploading", sum(e.size for e in to_hash.values()), "bytes")
+    items = sorted(to_hash.items(), key=lambda item: -item[1].size)
     singles = [item for item in items if item[1].size >= SINGLE_UPLOAD_MIN]
     bundles = _bundles([item for item in items if item[1].size < SINGLE_UPLOAD_MIN])
     if len(singles) + len(bundles) == 1:  # one request: no thread pool
@@ -799,9 +799,9 @@ def _ask_missing(client: Client, hashes: list[str]) -> set[str]:
         return {h for part in _wait_all(pool, futures) for h in part}
 
 
-def _unasked(todo: dict[str, FileEntry]) -> bool:
+def _unasked(to_hash: dict[str, FileEntry]) -> bool:
     """Whether to upload these blobs without asking the server first which it lacks (see UNASKED_MAX_BYTES)."""
-    return 0 < len(todo) <= UNASKED_MAX_FILES and sum(e.size for e in todo.values()) <= UNASKED_MAX_BYTES
+    return 0 < len(to_hash) <= UNASKED_MAX_FILES and sum(e.size for e in to_hash.values()) <= UNASKED_MAX_BYTES
 
 
 def manifest_digest(entries: Sequence[FileEntry]) -> str:
@@ -857,11 +857,11 @@ def sync_project(client: Client, root: Path, *, excludes: Sequence[str] = (), ma
                 by_hash.setdefault(entry.sha256, entry)
             ask = [h for h in by_hash if h not in confirmed]
             for _ in range(MAX_ROUNDS):
-                todo = {h: by_hash[h] for h in ask if h in by_hash}
-                if not _unasked(todo):
+                to_hash = {h: by_hash[h] for h in ask if h in by_hash}
+                if not _unasked(to_hash):
                     missing = _ask_missing(client, ask)
-                    todo = {h: by_hash[h] for h in by_hash if h in missing}
-                done = upload_blobs(client, todo, bars)
+                    to_hash = {h: by_hash[h] for h in by_hash if h in missing}
+                done = upload_blobs(client, to_hash, bars)
                 uploaded.blobs += done.blobs
                 uploaded.bytes += done.bytes
                 if done.changed:

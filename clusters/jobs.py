@@ -133,16 +133,24 @@ class LogSlice:
     offset: int
     next_offset: int
     size: int
+    status: str
+
+    @property
+    def complete(self) -> bool:
+        """The job has finished and this slice reaches the end of its log."""
+        return self.status in TERMINAL_JOB_STATUSES and self.next_offset >= self.size
 
 
 def job_log_read(job: Job, offset: int, limit: int = LOG_READ_LIMIT) -> LogSlice:
     """The stored log from byte `offset`, at most `limit` bytes, cut at a UTF-8 character boundary
     (unless one character is longer than the slice) so that a client never sees half a character."""
-    size = Job.objects.filter(pk=job.pk).values_list("log_size", flat=True).first() or 0
+    # Status and size from one row read: the agent sends its last log chunk before the final status,
+    # so a finished status read together with the size means the size is the whole log.
+    status, size = Job.objects.filter(pk=job.pk).values_list("status", "log_size").first() or (job.status, 0)
     offset = min(max(offset, 0), size)
     end = min(size, offset + limit)
     if end <= offset:
-        return LogSlice(b"", offset, offset, size)
+        return LogSlice(b"", offset, offset, size, status)
     chunks = (JobLogChunk.objects.filter(job=job, offset__lt=end)
               .filter(Q(offset__gte=offset) | Q(pk__in=JobLogChunk.objects.filter(job=job, offset__lte=offset)
                                                  .order_by("-offset").values("pk")[:1]))
@@ -157,7 +165,7 @@ def job_log_read(job: Job, offset: int, limit: int = LOG_READ_LIMIT) -> LogSlice
     data = bytes(buf)
     if end < size:
         data = _utf8_prefix(data)
-    return LogSlice(data, offset, offset + len(data), size)
+    return LogSlice(data, offset, offset + len(data), size, status)
 
 
 def _utf8_prefix(data: bytes) -> bytes:

@@ -10,14 +10,12 @@ import binascii
 from django.http import FileResponse, Http404
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
-from rest_framework import exceptions, serializers
-from rest_framework.permissions import AllowAny
+from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
 from clusters import jobs as services
-from clusters.agent_api.views import NodeTokenAuthentication
+from clusters.agent_api.views import NodeView
 from clusters.choices import JobStatus
 from clusters.models import Job, Node
 from controlplane.api.fields import StrictCharField, StrictIntegerField, StrictSerializer
@@ -28,20 +26,8 @@ from projects.storage import blob_key, blob_store
 MAX_LOG_CHUNK = 1024 * 1024  # decoded bytes per report
 
 
-class NodeView(APIView):
-    """Authenticated as one node; the URL's node id must be that node."""
-
-    authentication_classes = [NodeTokenAuthentication]
-    permission_classes = [AllowAny]  # the node token is checked in node()
-    throttle_classes: list = []
-
-    def node(self, request: Request, node_id) -> Node:
-        node = request.auth
-        if node is None:
-            raise exceptions.NotAuthenticated("A node token is required.")
-        if str(node.key) != str(node_id).lower():
-            raise exceptions.PermissionDenied("This node token speaks only for its own node.")
-        return node
+class JobNodeView(NodeView):
+    """A view of one of the node's own jobs."""
 
     def job(self, node: Node, job_id) -> Job:
         job = Job.objects.filter(pk=job_id, cluster_id=node.cluster_id, node=node).select_related("cluster").first()
@@ -55,7 +41,7 @@ class ManifestOut(serializers.Serializer):
     files = serializers.ListField(child=serializers.ListField(), help_text="[path, sha256, size, mode] each.")
 
 
-class JobManifestView(NodeView):
+class JobManifestView(JobNodeView):
     @extend_schema(responses={200: ManifestOut, **errors(401, 403, 404)}, tags=["agent"])
     def get(self, request: Request, node_id, job_id) -> Response:
         job = self.job(self.node(request, node_id), job_id)
@@ -104,7 +90,7 @@ class JobReportOut(serializers.Serializer):
     status = serializers.ChoiceField(choices=JobStatus.choices)
 
 
-class JobReportView(NodeView):
+class JobReportView(JobNodeView):
     @extend_schema(request=JobReportIn, responses={200: JobReportOut, **errors(400, 401, 403, 404)}, tags=["agent"])
     def post(self, request: Request, node_id, job_id) -> Response:
         node = self.node(request, node_id)

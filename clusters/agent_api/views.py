@@ -15,6 +15,7 @@ from rest_framework.throttling import AnonRateThrottle
 from rest_framework.views import APIView
 
 from clusters import agent_service
+from clusters.models import Node
 from clusters.reconciler import node_for_bootstrap_token
 from controlplane.api.fields import StrictCharField, StrictFloatField, StrictIntegerField, StrictSerializer
 from controlplane.api.schema import errors
@@ -228,21 +229,29 @@ class RegisterView(APIView):
         })
 
 
-class HeartbeatView(APIView):
-    """A node reports its health and Ray state; the reply carries its commands."""
+class NodeView(APIView):
+    """Authenticated as one node: the URL's node id must be the token's node."""
 
     authentication_classes = [NodeTokenAuthentication]
-    permission_classes = [AllowAny]  # authentication above is mandatory: checked in post()
+    permission_classes = [AllowAny]  # the node token is mandatory: checked in node()
     throttle_classes: list = []
 
-    @extend_schema(request=HeartbeatInput, responses={200: HeartbeatOutput, **errors(400, 401, 403, 404)},
-                   tags=["agent"])
-    def post(self, request: Request, node_id: str) -> Response:
+    def node(self, request: Request, node_id) -> Node:
         node = request.auth
         if node is None:
             raise exceptions.NotAuthenticated("A node token is required.")
         if str(node.key) != str(node_id).lower():
             raise exceptions.PermissionDenied("This node token speaks only for its own node.")
+        return node
+
+
+class HeartbeatView(NodeView):
+    """A node reports its health and Ray state; the reply carries its commands."""
+
+    @extend_schema(request=HeartbeatInput, responses={200: HeartbeatOutput, **errors(400, 401, 403, 404)},
+                   tags=["agent"])
+    def post(self, request: Request, node_id: str) -> Response:
+        node = self.node(request, node_id)
         data = HeartbeatInput.validated(request.data)
         reply = agent_service.node_heartbeat(node=node, state=data["state"], message=data["message"],
                                              ray=data.get("ray") or {})

@@ -118,12 +118,9 @@ class _JobViews:
         query = LogQuery.validated(request.query_params.dict())
         job = self._job()
         piece = services.job_log_read(job, query["offset"], query["limit"])
-        job.refresh_from_db(fields=["status"])
         return Response({
             "offset": piece.offset, "next_offset": piece.next_offset, "size": piece.size,
-            "data": piece.data.decode("utf-8", errors="replace"), "status": job.status,
-            # Status first, then size: a job that finished has sent its whole log before its final status.
-            "complete": job.status in TERMINAL_JOB_STATUSES and piece.next_offset >= piece.size,
+            "data": piece.data.decode("utf-8", errors="replace"), "status": piece.status, "complete": piece.complete,
         })
 
     @extend_schema(request=None, responses={202: JobOut, **errors(401, 403, 404, 409)})

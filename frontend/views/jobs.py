@@ -89,11 +89,10 @@ def _poller_context(scope: Scope, job: Job, next_offset: int, complete: bool) ->
 
 
 def _read(job: Job, offset: int, limit: int) -> tuple[services.LogSlice, bool]:
-    """A slice of the log and whether it completes the log: the API's `complete` rule, status read after
-    the log (a job that finished has sent its whole log before its final status)."""
+    """A slice of the log and whether it completes the log (the API's `complete`, decided by the reader)."""
     piece = services.job_log_read(job, offset, limit)
-    job.refresh_from_db(fields=LIVE_FIELDS)
-    return piece, _finished(job) and piece.next_offset >= piece.size
+    job.refresh_from_db(fields=LIVE_FIELDS)  # the header shows the job as it is now
+    return piece, piece.complete
 
 
 def _from_a_line_start(data: bytes) -> bytes:
