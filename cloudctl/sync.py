@@ -16,7 +16,8 @@ per file and one small request (the snapshot), and a project with one file chang
    time in request overhead rather than in bytes.
 4. The manifest (path, sha256, size, mode) becomes a snapshot. The cache remembers the last
    snapshot made on each server and its manifest, so what is sent is that snapshot's id and the
-   entries that differ (with the digest the result must have); the server copies the rest. A
+   entries that differ (with the digest the result must have); the server writes them as a
+   layer over the rest. A
    server that refuses the base gets the whole manifest. A tree the workspace already has a
    snapshot of gets that snapshot back, same id. If the server has lost a blob it had
    confirmed, it says which, and those are uploaded and the snapshot asked for again.
@@ -35,7 +36,7 @@ import re
 import stat
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -70,6 +71,9 @@ BUNDLE_HEADER = 80  # 64 hex digits of SHA-256, then the size as 16 hex digits
 MAX_ROUNDS = 4  # upload / snapshot attempts before giving up on a tree that keeps changing
 HASH_ATTEMPTS = 3
 CACHE_VERSION = 2
+STATE_BYTES = 512  # a manifest state (see manifest_state) is a number of this many bytes
+STATE_MODULUS = 1 << (8 * STATE_BYTES)
+_HEX = re.compile(r"[0-9a-f]+")
 CACHE_REMOTES = 4  # servers (URL and workspace) whose confirmed hashes the cache remembers
 # Hashes no server has confirmed yet are uploaded without asking first when they are this few
 # bytes in all: one request instead of two, at the cost of re-sending a few KB the server may hold.
@@ -427,6 +431,14 @@ class HashCache:
         """The id of the last snapshot made of this root on `remote`, whose manifest `files` holds."""
         return self.snapshot["id"] if self.snapshot is not None and self.snapshot["remote"] == remote else None
 
+    def state(self) -> int:
+        """The manifest state (see manifest_state) of `files`: kept with the last snapshot, else computed."""
+        kept = self.snapshot.get("state") if self.snapshot is not None else None
+        if kept is not None:
+            return int(kept, 16)
+        return manifest_state((path, hit[2], hit[0], hit[3]) for path, hit in self.files.items()
+                              if isinstance(hit, list) and len(hit) == 4)
+
     def delta(self, entries: Sequence[FileEntry]) -> tuple[list[dict], list[str]]:
         """How `entries` differ from the last snapshot's manifest: (new or changed entries, paths gone)."""
         changes = []
@@ -438,13 +450,16 @@ class HashCache:
         paths = {e.path for e in entries}
         return changes, [path for path in self.files if path not in paths]
 
-    def save(self, entries: Sequence[FileEntry], remote: str | None = None, snapshot_id: str | None = None) -> None:
+    def save(self, entries: Sequence[FileEntry], remote: str | None = None, snapshot_id: str | None = None,
+             state: int | None = None) -> None:
         """Keep the entries of this walk only (deleted files drop out), and `snapshot_id`, the snapshot just made of
-        exactly them on `remote` (None: none was). Best effort, never fails the sync; nothing is written if nothing
-        changed, a line is appended to the journal if little did."""
+        exactly them on `remote` (None: none was), with their manifest `state`. Best effort, never fails the sync;
+        nothing is written if nothing changed, a line is appended to the journal if little did."""
         files = {e.path: [e.size, e.mtime_ns, e.sha256, e.mode] for e in entries if e.sha256}
         remotes = dict(self.remotes)
         snapshot = {"remote": remote, "id": snapshot_id} if remote is not None and snapshot_id else None
+        if snapshot is not None and state is not None:
+            snapshot["state"] = f"{state:0{2 * STATE_BYTES}x}"
         old = self.snapshot
         if old is not None and (snapshot is None or old["remote"] != remote):
             # `files` no longer describes the old snapshot: keep what its server confirmed as a list
@@ -503,7 +518,11 @@ class HashCache:
 
 def _snapshot_record(value: object) -> dict[str, str] | None:
     if isinstance(value, dict) and isinstance(value.get("remote"), str) and isinstance(value.get("id"), str):
-        return {"remote": value["remote"], "id": value["id"]}
+        record = {"remote": value["remote"], "id": value["id"]}
+        state = value.get("state")
+        if isinstance(state, str) and len(state) == 2 * STATE_BYTES and _HEX.fullmatch(state):
+            record["state"] = state
+        return record
     return None
 
 
@@ -804,25 +823,50 @@ def _unasked(to_hash: dict[str, FileEntry]) -> bool:
     return 0 < len(to_hash) <= UNASKED_MAX_FILES and sum(e.size for e in to_hash.values()) <= UNASKED_MAX_BYTES
 
 
-def manifest_digest(entries: Sequence[FileEntry]) -> str:
-    """The server's name for the manifest of `entries` (projects.services.manifest_digest), entries sorted by path."""
-    return hashlib.sha256("".join([f"{e.path}\0{e.sha256}\0{e.size}\0{e.mode}\n" for e in entries]).encode()
-                          ).hexdigest()
+def _entry_number(path: str, sha256: str, size: int, mode: int) -> int:
+    line = f"{path}\0{sha256}\0{size}\0{mode}\n".encode()
+    return int.from_bytes(hashlib.shake_256(line).digest(STATE_BYTES), "little")
 
 
-def _record(client: Client, entries: Sequence[FileEntry], cache: HashCache, base: str | None) -> dict:
-    """The snapshot of `entries`: made from `base` where there is one (see HashCache), else from the whole manifest.
+def manifest_state(files: Iterable[tuple[str, str, int, int]]) -> int:
+    """The server's manifest state (projects.manifests) of (path, sha256, size, mode) entries, in any order.
 
-    The digest sent with a delta makes the server refuse one whose result is not `entries` (were the
-    cache not to describe `base` exactly); any refusal of the base falls back to the whole manifest.
+    Each entry's line `path NUL sha256 NUL size NUL mode LF` is hashed with SHAKE-256 to a 4096-bit
+    number; the state is their sum modulo 2**4096. A sum changes with one file by one subtraction and
+    one addition, so the digest of a tree with a file changed comes from the last one's state.
+    """
+    return sum(_entry_number(*f) for f in files) % STATE_MODULUS
+
+
+def manifest_digest(state: int) -> str:
+    """The digest that names the manifest of `state`: the SHA-256 of its 512 bytes, little-endian."""
+    return hashlib.sha256(state.to_bytes(STATE_BYTES, "little")).hexdigest()
+
+
+def _record(client: Client, entries: Sequence[FileEntry], cache: HashCache, base: str | None) -> tuple[dict, int]:
+    """The snapshot of `entries` and its manifest state: made from `base` where there is one (see HashCache), else
+    from the whole manifest.
+
+    The digest sent with a delta is worked out from the cached state of `base` and the entries that
+    differ from it, never from all 10,000; it makes the server refuse a delta whose result is not
+    `entries` (were the cache not to describe `base` exactly). Any refusal of the base falls back to
+    the whole manifest.
     """
     if base is not None:
         changes, removed = cache.delta(entries)
+        state = cache.state()
+        for path in [*(f["path"] for f in changes), *removed]:
+            hit = cache.files.get(path)
+            if isinstance(hit, list) and len(hit) == 4:
+                state -= _entry_number(path, hit[2], hit[0], hit[3])
+        state = (state + sum(_entry_number(f["path"], f["sha256"], f["size"], f["mode"]) for f in changes)
+                 ) % STATE_MODULUS
         try:
-            return client.snapshot_create_from(base, changes, removed, digest=manifest_digest(entries))
+            return client.snapshot_create_from(base, changes, removed, digest=manifest_digest(state)), state
         except BaseRefused:
             pass
-    return client.snapshot_create([e.manifest_entry() for e in entries])
+    state = manifest_state((e.path, e.sha256, e.size, e.mode) for e in entries)
+    return client.snapshot_create([e.manifest_entry() for e in entries]), state
 
 
 # -- the whole sync ---------------------------------------------------------------------------------
@@ -849,6 +893,7 @@ def sync_project(client: Client, root: Path, *, excludes: Sequence[str] = (), ma
     base = cache.last_snapshot(remote)
     uploaded = _Uploaded()
     snapshot: dict | None = None
+    state: int | None = None
     by_hash: dict[str, FileEntry] = {}
     with _Bars(progress and output.stderr_is_terminal()) as bars:
         try:
@@ -873,14 +918,14 @@ def sync_project(client: Client, root: Path, *, excludes: Sequence[str] = (), ma
                         by_hash.setdefault(entry.sha256, entry)
                     continue
                 try:
-                    snapshot = _record(client, entries, cache, base)
+                    snapshot, state = _record(client, entries, cache, base)
                 except MissingBlobs as exc:  # it lost blobs it once confirmed: send them again
                     confirmed.difference_update(exc.missing)
                     ask = [h for h in exc.missing if h in by_hash]
                     continue
                 break
         finally:
-            cache.save(entries, remote, str(snapshot["id"]) if snapshot else None)
+            cache.save(entries, remote, str(snapshot["id"]) if snapshot else None, state)
     if snapshot is None:
         raise CloudctlError("Files kept changing while the project was being synced; stop what writes them, or "
                             "add them to .cloudignore, and sync again.")

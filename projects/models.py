@@ -29,9 +29,14 @@ class Blob(WorkspaceOwned):
 class Snapshot(WorkspaceOwned):
     """A project tree at one moment: a manifest of (path, sha256, size, mode).
 
-    `digest` names the manifest (projects.services.manifest_digest), so that a workspace asked
-    for a snapshot it already has gets that one back: the same tree keeps the same id, which
-    the head's caches are keyed by. Empty for snapshots recorded before digests were kept.
+    `digest` names the manifest (projects.manifests), so that a workspace asked for a snapshot it
+    already has gets that one back: the same tree keeps the same id, which the head's caches are
+    keyed by. `manifest_state` is what the digest is the hash of, kept so that the digest of a
+    snapshot made from this one with a few changes is found from them alone.
+
+    With `root` null, the rows (`files`) are the whole manifest. Otherwise the snapshot is a layer
+    over `root` (a whole snapshot): its rows are where its manifest differs from the root's, a row
+    with an empty sha256 removing the root's file at that path (projects.manifests.manifest).
     """
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
@@ -41,6 +46,10 @@ class Snapshot(WorkspaceOwned):
     total_size = models.BigIntegerField(default=0)
     file_count = models.IntegerField(default=0)
     digest = models.CharField(max_length=64, blank=True, default="", editable=False)
+    manifest_state = models.BinaryField(null=True, editable=False)
+    # RESTRICT: a root is not deleted from under its layers, unless they go too (with their workspace)
+    root = models.ForeignKey("self", null=True, blank=True, on_delete=models.RESTRICT, related_name="layers",
+                             editable=False)
 
     class Meta:
         indexes = [models.Index(fields=["workspace", "digest"], name="snapshot_digest_per_workspace")]
@@ -50,6 +59,8 @@ class Snapshot(WorkspaceOwned):
 
 
 class SnapshotFile(models.Model):
+    """A file of a snapshot's manifest; in a layer, an empty sha256 (size and mode 0) removes the root's file."""
+
     # No index of its own: the unique (snapshot, path) index serves every lookup by snapshot, and one
     # index fewer to maintain makes copying a 10,000-row snapshot a third cheaper.
     snapshot = models.ForeignKey(Snapshot, on_delete=models.CASCADE, related_name="files", db_index=False)

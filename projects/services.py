@@ -3,7 +3,6 @@ or as changes to an earlier one)."""
 
 from __future__ import annotations
 
-import hashlib
 import re
 import uuid
 from collections import deque
@@ -14,14 +13,14 @@ from typing import BinaryIO
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Exists, OuterRef
 from django.db.models.constants import OnConflict
 from django.utils import timezone
 
 from controlplane.errors import DomainError, ValidationFailed
 from controlplane.models import User, Workspace
 from controlplane.services import Actor, audit_record
-from projects.models import MAX_SNAPSHOT_FILES, Blob, Snapshot, SnapshotFile
+from projects import manifests
+from projects.models import MAX_SNAPSHOT_FILES, Blob, Snapshot
 from projects.storage import CHUNK_SIZE, BlobWriter, blob_key, blob_store
 
 IN_BATCH = 500  # hashes per `IN (...)` query: SQLite caps the number of bound parameters
@@ -35,6 +34,10 @@ MAX_BATCH_BLOBS = 2_000
 # reads the next ones, holding at most COMMITS_IN_FLIGHT writers (open files, buffered parts).
 COMMIT_WORKERS = 4
 COMMITS_IN_FLIGHT = 32
+# A snapshot made from another is a layer of its changes over a whole snapshot while the layer holds at most
+# this share of its files, or this many rows (projects.manifests).
+LAYER_SHARE = 0.25
+LAYER_MIN_ROWS = 64
 
 
 class HashMismatch(DomainError):
@@ -246,91 +249,10 @@ def blobs_upload_batch(*, workspace: Workspace, stream: BinaryIO | None, actor: 
 # -- snapshots --------------------------------------------------------------------------------------
 
 
-def manifest_digest(files: Iterable[tuple[str, str, int, int]]) -> str:
-    """The SHA-256 that names a manifest of (path, sha256, size, mode), whatever the order it comes in.
-
-    The canonical manifest is a line per file, `path NUL sha256 NUL size NUL mode LF` (decimal
-    numbers), sorted by path. No manifest path holds a NUL, so the text reads back one way only,
-    and sorting the lines sorts by path: a NUL sorts before any character a longer path goes on with.
-    """
-    return _digest_of_lines([f"{path}\0{sha256}\0{size}\0{mode}\n" for path, sha256, size, mode in files])
-
-
-def _digest_of_lines(lines: list[str]) -> str:
-    lines.sort()
-    return hashlib.sha256("".join(lines).encode()).hexdigest()
-
-
-def _insert_snapshot_files(snapshot: Snapshot, files: list[dict]) -> None:
-    """INSERT the manifest's rows with one parameterised executemany.
-
-    bulk_create builds a model instance per row, about 30 microseconds each: a third of a
-    second for a 10,000-file project, which every sync pays. The statement and its values are
-    the ones bulk_create would send.
-    """
-    meta = SnapshotFile._meta
-    quote = connection.ops.quote_name
-    columns = ", ".join(quote(meta.get_field(name).column) for name in ("snapshot", "path", "sha256", "size", "mode"))
-    snapshot_ref = meta.get_field("snapshot").get_db_prep_save(snapshot.pk, connection)
-    sql = f"INSERT INTO {quote(meta.db_table)} ({columns}) VALUES (%s, %s, %s, %s, %s)"  # noqa: S608 - names only
-    with connection.cursor() as cursor:
-        for i in range(0, len(files), 5_000):
-            cursor.executemany(sql, [(snapshot_ref, f["path"], f["sha256"], f["size"], f["mode"])
-                                     for f in files[i:i + 5_000]])
-
-
-def _copy_snapshot_files(source: Snapshot, snapshot: Snapshot, leave_out: list[str]) -> None:
-    """Give `snapshot` the rows of `source` but those at `leave_out`: one INSERT ... SELECT, then the few deletes."""
-    meta = SnapshotFile._meta
-    quote = connection.ops.quote_name
-    ref = meta.get_field("snapshot")
-    columns = ", ".join(quote(meta.get_field(name).column) for name in ("path", "sha256", "size", "mode"))
-    table, snapshot_column = quote(meta.db_table), quote(ref.column)
-    sql = (f"INSERT INTO {table} ({snapshot_column}, {columns}) "  # noqa: S608 - names only
-           f"SELECT %s, {columns} FROM {table} WHERE {snapshot_column} = %s")
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [ref.get_db_prep_save(snapshot.pk, connection),
-                             ref.get_db_prep_save(source.pk, connection)])
-    for i in range(0, len(leave_out), IN_BATCH):
-        SnapshotFile.objects.filter(snapshot=snapshot, path__in=leave_out[i:i + IN_BATCH]).delete()
-
-
-def _manifest_of(workspace: Workspace, snapshot: Snapshot) -> tuple[dict[str, tuple[str, int, int]], set[str]]:
-    """{path: (sha256, size, mode)} of a recorded snapshot, and the hashes in it that are no longer uploaded blobs
-    of `workspace`: one query, a join on the blobs' unique index (the ORM's EXISTS per row takes twice as long)."""
-    files, blobs = SnapshotFile._meta, Blob._meta
-    quote = connection.ops.quote_name
-
-    def column(meta, name: str) -> str:
-        return quote(meta.get_field(name).column)
-
-    sha256 = column(files, "sha256")
-    sql = (f"SELECT f.{column(files, 'path')}, f.{sha256}, f.{column(files, 'size')}, f.{column(files, 'mode')}, "  # noqa: S608 - names only
-           f"b.{column(blobs, 'id')} FROM {quote(files.db_table)} f LEFT JOIN {quote(blobs.db_table)} b "
-           f"ON b.{column(blobs, 'workspace')} = %s AND b.{column(blobs, 'sha256')} = f.{sha256} "
-           f"WHERE f.{column(files, 'snapshot')} = %s")
-    manifest: dict[str, tuple[str, int, int]] = {}
-    lost: set[str] = set()
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [workspace.pk, files.get_field("snapshot").get_db_prep_save(snapshot.pk, connection)])
-        for path, digest, size, mode, blob in cursor.fetchall():
-            manifest[path] = (digest, size, mode)
-            if blob is None:
-                lost.add(digest)
-    return manifest, lost
-
-
-def _lost_blobs(workspace: Workspace, snapshot: Snapshot) -> list[str]:
-    """The hashes in `snapshot` that are no longer uploaded blobs of `workspace` (one query, an index probe per row)."""
-    held = Blob.objects.for_workspace(workspace).filter(sha256=OuterRef("sha256"))
-    return list(SnapshotFile.objects.filter(snapshot=snapshot).filter(~Exists(held))
-                .values_list("sha256", flat=True).distinct())
-
-
 def _same_snapshot(workspace: Workspace, digest: str) -> Snapshot | None:
     """The workspace's snapshot of the manifest named `digest`, if it has one and still holds all its blobs."""
     snapshot = Snapshot.objects.for_workspace(workspace).filter(digest=digest).order_by("created_at").first()
-    if snapshot is None or _lost_blobs(workspace, snapshot):
+    if snapshot is None or manifests.lost_blobs(workspace.pk, snapshot):
         return None  # a lost blob makes the request fail below, naming it, so that it is uploaded again
     return snapshot
 
@@ -363,9 +285,11 @@ def _check_digest(digest: str, expected: str | None) -> None:
                                message="The manifest is not the one expected (`digest`); nothing was recorded.")
 
 
-def _new_snapshot(workspace: Workspace, actor: Actor, digest: str, total_size: int, file_count: int) -> Snapshot:
+def _new_snapshot(workspace: Workspace, actor: Actor, state: int, total_size: int, file_count: int,
+                  root: Snapshot | None = None) -> Snapshot:
     return Snapshot.objects.create(workspace=workspace, created_by=actor.user if isinstance(actor.user, User) else None,
-                                   total_size=total_size, file_count=file_count, digest=digest)
+                                   total_size=total_size, file_count=file_count, digest=manifests.digest_of(state),
+                                   manifest_state=manifests.state_bytes(state), root=root)
 
 
 def _audit_snapshot(actor: Actor, snapshot: Snapshot, **data: object) -> None:
@@ -387,9 +311,9 @@ def snapshot_record(*, workspace: Workspace, actor: Actor, files: list[dict] | N
 
     The manifest is `files`, whole, or the snapshot `base` of this workspace with `changes` (files
     added or changed) and without `removed` (paths of `base`): a sync that changed one file of
-    10,000 sends one entry, and the other rows are copied in the database. Every hash must be an
+    10,000 sends one entry, and one row is written (a layer, see projects.manifests). Every hash must be an
     uploaded blob of this workspace and every size must be that blob's. `digest`, if given, is
-    what the manifest's digest must be (manifest_digest): a caller that computes a delta from
+    what the manifest's digest must be (projects.manifests): a caller that computes a delta from
     what it believes `base` holds learns so if it is wrong, instead of recording another tree.
 
     Returns (snapshot, created): if the workspace already has a snapshot of exactly this manifest
@@ -404,7 +328,8 @@ def snapshot_record(*, workspace: Workspace, actor: Actor, files: list[dict] | N
 
 def _record_whole(workspace: Workspace, actor: Actor, files: list[dict], expected: str | None
                   ) -> tuple[Snapshot, bool]:
-    digest = manifest_digest((f["path"], f["sha256"], f["size"], f["mode"]) for f in files)
+    state = manifests.state_of((f["path"], f["sha256"], f["size"], f["mode"]) for f in files)
+    digest = manifests.digest_of(state)
     _check_digest(digest, expected)
     same = _same_snapshot(workspace, digest)
     if same is not None:
@@ -412,14 +337,20 @@ def _record_whole(workspace: Workspace, actor: Actor, files: list[dict], expecte
     errors, missing = _blob_errors(workspace, files)
     if errors:
         raise _invalid({"files": errors}, len(errors), missing)
-    snapshot = _new_snapshot(workspace, actor, digest, sum(f["size"] for f in files), len(files))
-    _insert_snapshot_files(snapshot, files)
+    snapshot = _new_snapshot(workspace, actor, state, sum(f["size"] for f in files), len(files))
+    manifests.insert_rows(snapshot, ((f["path"], f["sha256"], f["size"], f["mode"]) for f in files))
     _audit_snapshot(actor, snapshot)
     return snapshot, True
 
 
 def _record_delta(workspace: Workspace, actor: Actor, base: uuid.UUID | str, changes: list[dict],
                   removed: list[str], expected: str | None) -> tuple[Snapshot, bool]:
+    """The snapshot of `base` with `changes` and without `removed`, in work proportional to the changes.
+
+    The base's entries at the changed and removed paths are looked up by index, the new digest is
+    the base's state less those entries plus the changes (projects.manifests), and the new snapshot
+    is written as a layer over the base's root (see _write_layer). Nothing reads the base whole.
+    """
     source = Snapshot.objects.for_workspace(workspace).filter(pk=base).first()
     if source is None:
         raise ValidationFailed({"base": [f"No snapshot {base} in this workspace."]},
@@ -429,46 +360,66 @@ def _record_delta(workspace: Workspace, actor: Actor, base: uuid.UUID | str, cha
         same = _same_snapshot(workspace, source.digest)
         if same is not None:
             return same, False
-    rows, lost_in_base = _manifest_of(workspace, source)
     changed = {f["path"] for f in changes}
+    old = manifests.entries_at(source, [*changed, *removed])
     refused = {}
     for i, path in enumerate(removed):
-        if path not in rows:
+        if path not in old:
             refused[str(i)] = [f"{path} is not a file of the base snapshot."]
         elif path in changed:
             refused[str(i)] = [f"{path} is in `changes` too."]
     if refused:
         raise ValidationFailed({"removed": refused}, message=f"The manifest is not valid ({len(refused)} bad "
                                                              f"removed paths).")
-    replaced = changed.union(removed)  # the paths of the base not copied as they are
-    file_count = len(rows) - len(removed) + len(changed - rows.keys())
+    file_count = source.file_count - len(removed) + len(changed - old.keys())
     if file_count > MAX_SNAPSHOT_FILES:
         raise ValidationFailed({"changes": [f"The snapshot would hold {file_count} files; a snapshot holds at "
                                             f"most {MAX_SNAPSHOT_FILES}."]})
-    # the canonical lines straight from the rows: 10,000 of them take a few ms, more with any detour
-    lines = [f"{path}\0{sha256}\0{size}\0{mode}\n" for path, (sha256, size, mode) in rows.items()
-             if path not in replaced]
-    lines += [f"{f['path']}\0{f['sha256']}\0{f['size']}\0{f['mode']}\n" for f in changes]
-    digest = _digest_of_lines(lines)
+    state = manifests.stored_state(source)
+    state -= sum(manifests.entry_number(path, *entry) for path, entry in old.items())
+    state += sum(manifests.entry_number(f["path"], f["sha256"], f["size"], f["mode"]) for f in changes)
+    state %= manifests.MODULUS
+    digest = manifests.digest_of(state)
     _check_digest(digest, expected)
     same = _same_snapshot(workspace, digest)
     if same is not None:
         return same, False
     errors, missing = _blob_errors(workspace, changes)
     fields: dict = {"changes": errors} if errors else {}
-    lost: list[str] = []
-    if lost_in_base:
-        kept = {sha256 for path, (sha256, _, _) in rows.items() if path not in replaced}
-        lost = sorted(lost_in_base & kept)
-        if lost:
-            fields["base"] = [f"{len(lost)} of the base snapshot's blobs are no longer uploaded blobs of this "
-                              f"workspace: upload them again."]
+    lost = sorted({sha256 for path, sha256 in manifests.lost_blobs(workspace.pk, source).items()
+                   if path not in old})  # the base's files kept as they are
+    if lost:
+        fields["base"] = [f"{len(lost)} of the base snapshot's blobs are no longer uploaded blobs of this "
+                          f"workspace: upload them again."]
     if fields:
         raise _invalid(fields, len(errors), list(dict.fromkeys(missing + lost)))
-    total_size = (sum(size for _, size, _ in rows.values()) - sum(rows[path][1] for path in replaced if path in rows)
-                  + sum(f["size"] for f in changes))
-    snapshot = _new_snapshot(workspace, actor, digest, total_size, file_count)
-    _copy_snapshot_files(source, snapshot, [path for path in replaced if path in rows])
-    _insert_snapshot_files(snapshot, changes)
+    total_size = source.total_size - sum(size for _, size, _ in old.values()) + sum(f["size"] for f in changes)
+    snapshot = _write_layer(workspace, actor, source, state, total_size, file_count, changes, removed)
     _audit_snapshot(actor, snapshot, base=str(source.pk))
     return snapshot, True
+
+
+def _write_layer(workspace: Workspace, actor: Actor, source: Snapshot, state: int, total_size: int, file_count: int,
+                 changes: list[dict], removed: list[str]) -> Snapshot:
+    """Write the snapshot of `source` with `changes` and without `removed` as a layer over `source`'s root.
+
+    Its rows are `source`'s own (if `source` is a layer) updated with the changes and a tombstone
+    per removed path. A layer that would hold more than LAYER_SHARE of its manifest (the files
+    edited since its root was written) is written whole instead, so that reading a snapshot never
+    costs much more than its own file count, and a sync writes in proportion to what it changed.
+    """
+    rows = manifests.own_rows(source)
+    rows.update((f["path"], (f["sha256"], f["size"], f["mode"])) for f in changes)
+    rows.update((path, manifests.TOMBSTONE) for path in removed)
+    if len(rows) <= LAYER_MIN_ROWS or len(rows) <= file_count * LAYER_SHARE:
+        root = source if source.root_id is None else source.root
+        snapshot = _new_snapshot(workspace, actor, state, total_size, file_count, root=root)
+        manifests.insert_rows(snapshot, ((path, *entry) for path, entry in rows.items()))
+        return snapshot
+    files = manifests.manifest(source)
+    for path in removed:
+        del files[path]
+    files.update((f["path"], (f["sha256"], f["size"], f["mode"])) for f in changes)
+    snapshot = _new_snapshot(workspace, actor, state, total_size, file_count)
+    manifests.insert_rows(snapshot, ((path, *entry) for path, entry in files.items()))
+    return snapshot

@@ -20,7 +20,8 @@ from clusters.choices import JobStatus
 from clusters.models import Job, Node
 from controlplane.api.fields import StrictCharField, StrictIntegerField, StrictSerializer
 from controlplane.api.schema import errors
-from projects.models import Blob, SnapshotFile
+from projects import manifests
+from projects.models import Blob
 from projects.storage import blob_key, blob_store
 
 MAX_LOG_CHUNK = 1024 * 1024  # decoded bytes per report
@@ -30,7 +31,8 @@ class JobNodeView(NodeView):
     """A view of one of the node's own jobs."""
 
     def job(self, node: Node, job_id) -> Job:
-        job = Job.objects.filter(pk=job_id, cluster_id=node.cluster_id, node=node).select_related("cluster").first()
+        job = (Job.objects.filter(pk=job_id, cluster_id=node.cluster_id, node=node)
+               .select_related("cluster", "snapshot").first())
         if job is None:
             raise Http404
         return job
@@ -45,9 +47,9 @@ class JobManifestView(JobNodeView):
     @extend_schema(responses={200: ManifestOut, **errors(401, 403, 404)}, tags=["agent"])
     def get(self, request: Request, node_id, job_id) -> Response:
         job = self.job(self.node(request, node_id), job_id)
-        files = SnapshotFile.objects.filter(snapshot_id=job.snapshot_id).order_by("path")
+        files = manifests.manifest(job.snapshot)
         return Response({"snapshot_id": str(job.snapshot_id),
-                         "files": [list(row) for row in files.values_list("path", "sha256", "size", "mode")]})
+                         "files": [[path, *entry] for path, entry in files.items()]})
 
 
 class NodeBlobView(NodeView):

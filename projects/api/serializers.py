@@ -156,9 +156,12 @@ class SnapshotCreate(StrictSerializer):
         child=StrictCharField(max_length=MAX_PATH, trim_whitespace=False, validators=[check_path]),
         max_length=MAX_SNAPSHOT_FILES, required=False, help_text="With `base`: the paths of it that are gone.")
     digest = sha256_field(required=False,
-                          help_text="Optional: the digest the manifest must have, the SHA-256 of a line `path NUL "
-                                    "sha256 NUL size NUL mode LF` per file (decimal numbers) sorted by path. A "
-                                    "manifest that comes out otherwise is refused (400 naming `digest`).")
+                          help_text="Optional: the digest the manifest must have. Per file, the line `path NUL "
+                                    "sha256 NUL size NUL mode LF` (decimal numbers) is hashed with SHAKE-256 to "
+                                    "512 bytes, read as a little-endian number; the numbers are summed modulo "
+                                    "2**4096, and the digest is the SHA-256 (hex) of the sum's 512 bytes, "
+                                    "little-endian. A manifest that comes out otherwise is refused (400 naming "
+                                    "`digest`).")
 
     def to_internal_value(self, data):
         for key in ("files", "changes", "removed"):

@@ -16,7 +16,7 @@ from rest_framework.response import Response
 
 from controlplane.api.base import WorkspaceScopedViewSet
 from controlplane.api.schema import errors
-from projects import services
+from projects import manifests, services
 from projects.api.serializers import (
     SHA256_REGEX,
     BlobBatchOut,
@@ -149,7 +149,8 @@ class SnapshotViewSet(WorkspaceScopedViewSet):
         snapshot = self.get_queryset().select_related("created_by").filter(pk=snapshot_id).first()
         if snapshot is None:
             raise Http404
-        files = list(snapshot.files.order_by("path").values("path", "sha256", "size", "mode"))
+        files = [{"path": path, "sha256": sha256, "size": size, "mode": mode}
+                 for path, (sha256, size, mode) in manifests.manifest(snapshot).items()]
         data = SnapshotOut(snapshot).data
         data["created_by"] = snapshot.created_by.email if snapshot.created_by else None
         data["files"] = files

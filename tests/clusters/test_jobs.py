@@ -17,7 +17,7 @@ from clusters.reconciler import bootstrap_token_for
 from controlplane.choices import Role
 from controlplane.models import AuditEvent, Workspace
 from controlplane.services import Actor
-from projects.services import blob_upload, snapshot_create
+from projects.services import blob_upload, snapshot_create, snapshot_record
 from tests.conftest import Api
 from tests.factories import ClusterFactory, NodeFactory, WorkspaceFactory
 
@@ -276,6 +276,22 @@ def test_jobs_end_with_their_cluster_or_their_head(api: Api, cluster: Cluster, h
 
 
 # --- what a node may read ----------------------------------------------------------------------------
+
+
+def test_the_manifest_of_a_layered_snapshot_is_the_whole_tree(api: Api, cluster: Cluster, head: AgentApi):
+    base = make_snapshot(cluster.workspace)
+    extra = b"print('extra')\n"
+    blob_upload(workspace=cluster.workspace, sha256=hashlib.sha256(extra).hexdigest(), chunks=[extra],
+                actor=Actor(user=None))
+    layer, _ = snapshot_record(workspace=cluster.workspace, actor=Actor(user=None), base=base, removed=["helper.py"],
+                               changes=[{"path": "extra.py", "sha256": hashlib.sha256(extra).hexdigest(),
+                                         "size": len(extra), "mode": 0o644}])
+    assert layer.root_id is not None
+    job_id = submit(api, cluster, str(layer.pk)).json()["id"]
+    head.jobs()
+    manifest = head.api.get(f"/api/agent/v1/nodes/{head.node.key}/jobs/{job_id}/manifest").json()
+    assert manifest["files"] == [["extra.py", hashlib.sha256(extra).hexdigest(), len(extra), 0o644],
+                                 ["main.py", hashlib.sha256(MAIN).hexdigest(), len(MAIN), 0o644]]
 
 
 def test_the_head_reads_its_jobs_manifest_and_blobs_and_nothing_else(api: Api, cluster: Cluster, head: AgentApi):

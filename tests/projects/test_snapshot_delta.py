@@ -13,7 +13,7 @@ import pytest
 
 from controlplane.choices import Role
 from controlplane.models import AuditEvent, Workspace
-from projects import services
+from projects import manifests, services
 from projects.models import Blob, Snapshot, SnapshotFile
 from tests.conftest import Api, api_for
 from tests.factories import MembershipFactory, WorkspaceFactory
@@ -235,18 +235,23 @@ def test_a_viewer_cannot_make_a_snapshot_from_a_base(workspace: Workspace, base:
     assert viewer.post(snapshots(workspace.slug), {"base": base}).status_code == 403
 
 
-def test_the_digest_is_the_sha256_of_the_sorted_manifest():
+def test_the_digest_is_the_sha256_of_the_sum_of_the_entries_shake_numbers():
     rows = [("b", "1" * 64, 2, 420), ("a/b", "0" * 64, 1, 493), ("a", "2" * 64, 0, 420)]
-    text = f"a\0{'2' * 64}\0{0}\0{420}\na/b\0{'0' * 64}\0{1}\0{493}\nb\0{'1' * 64}\0{2}\0{420}\n"
-    assert services.manifest_digest(rows) == hashlib.sha256(text.encode()).hexdigest()
-    assert services.manifest_digest(reversed(rows)) == services.manifest_digest(rows)
-    assert services.manifest_digest([]) == hashlib.sha256(b"").hexdigest()
+    numbers = [int.from_bytes(hashlib.shake_256(f"{p}\0{h}\0{s}\0{m}\n".encode()).digest(512), "little")
+               for p, h, s, m in rows]
+    total = (sum(numbers) % 2**4096).to_bytes(512, "little")
+    assert manifests.manifest_digest(rows) == hashlib.sha256(total).hexdigest()
+    assert manifests.manifest_digest(reversed(rows)) == manifests.manifest_digest(rows)
+    assert manifests.manifest_digest([]) == hashlib.sha256(bytes(512)).hexdigest()
+    # one entry more or less moves the sum by its number alone
+    assert manifests.digest_of((manifests.state_of(rows[:2]) + numbers[2]) % manifests.MODULUS) == \
+        manifests.manifest_digest(rows)
 
 
 def test_a_digest_that_the_result_does_not_have_is_400_naming_digest(api: Api, workspace: Workspace, base: str):
     wanted = [("a.py", sha(A), len(A), 0o644), ("b.py", sha(B2), len(B2), 0o644), ("c.py", sha(C), len(C), 0o644)]
-    right = services.manifest_digest(wanted)
-    wrong = services.manifest_digest(wanted[:2])
+    right = manifests.manifest_digest(wanted)
+    wrong = manifests.manifest_digest(wanted[:2])
     refused = api.post(snapshots(workspace.slug), {"base": base, "changes": [entry("b.py", B2)], "digest": wrong})
     assert refused.status_code == 400, refused.content
     assert list(refused.json()["error"]["fields"]) == ["digest"]
@@ -261,3 +266,83 @@ def test_a_digest_that_the_result_does_not_have_is_400_naming_digest(api: Api, w
     again = api.post(snapshots(workspace.slug), {**whole, "digest": right})
     assert (again.status_code, again.json()["id"]) == (200, made.json()["id"])
     assert api.post(snapshots(workspace.slug), {**whole, "digest": "X" * 64}).status_code == 400
+
+
+# --- layers: a snapshot made from another writes only what changed ---------------------------------
+
+
+def test_snapshots_made_one_from_another_are_layers_over_the_first_never_deeper(api: Api, workspace: Workspace):
+    upload(api, workspace.slug, A, B, B2, C, D)
+    files = [entry(f"m/{i:03d}.py", A) for i in range(300)]
+    first = api.post(snapshots(workspace.slug), {"files": files}).json()["id"]
+    expected = {f["path"]: f for f in files}
+    steps = [
+        ({"changes": [entry("m/000.py", B)]}, 1),  # rows in the new layer
+        ({"changes": [entry("new.py", C)], "removed": ["m/001.py"]}, 3),
+        ({"changes": [entry("m/000.py", B2, 0o755)], "removed": ["new.py"]}, 3),  # new.py: a tombstone
+        ({"changes": [entry("m/001.py", D)]}, 3),  # back, with other bytes
+    ]
+    base = first
+    for body, rows in steps:
+        response = api.post(snapshots(workspace.slug), {"base": base, **body})
+        assert response.status_code == 201, response.content
+        base = response.json()["id"]
+        for f in body.get("changes", []):
+            expected[f["path"]] = f
+        for path in body.get("removed", []):
+            del expected[path]
+        snapshot = Snapshot.objects.get(pk=base)
+        # then: a layer over the first snapshot holding the changes since it, read back as the whole tree
+        assert str(snapshot.root_id) == first
+        assert SnapshotFile.objects.filter(snapshot=snapshot).count() == rows
+        assert manifest(api, workspace.slug, base) == sorted(expected.values(), key=lambda f: f["path"])
+        assert (snapshot.file_count, snapshot.total_size) == (len(expected), sum(f["size"] for f in expected.values()))
+        assert snapshot.digest == manifests.manifest_digest(
+            (f["path"], f["sha256"], f["size"], f["mode"]) for f in expected.values())
+    # and the same tree sent whole is that layer
+    again = api.post(snapshots(workspace.slug), {"files": list(expected.values())})
+    assert (again.status_code, again.json()["id"]) == (200, base)
+
+
+def test_a_layer_that_would_hold_a_large_share_of_its_files_is_written_whole(api: Api, workspace: Workspace):
+    upload(api, workspace.slug, A, B)
+    files = [entry(f"m/{i:03d}.py", A) for i in range(400)]
+    first = api.post(snapshots(workspace.slug), {"files": files}).json()["id"]
+    small = api.post(snapshots(workspace.slug), {"base": first, "changes": [entry(f"m/{i:03d}.py", B)
+                                                                            for i in range(100)]}).json()["id"]
+    assert str(Snapshot.objects.get(pk=small).root_id) == first  # 100 of 400: a layer
+    # when: more files change from that layer: 101 of 400 differ from the first snapshot
+    response = api.post(snapshots(workspace.slug), {"base": small, "changes": [entry("m/399.py", B)]})
+    # then: the new snapshot is whole, and what follows it is a layer over it
+    assert response.status_code == 201, response.content
+    whole = Snapshot.objects.get(pk=response.json()["id"])
+    assert whole.root_id is None and SnapshotFile.objects.filter(snapshot=whole).count() == 400
+    shown = {f["path"]: f["sha256"] for f in manifest(api, workspace.slug, str(whole.pk))}
+    assert shown == {f"m/{i:03d}.py": sha(B if i < 100 or i == 399 else A) for i in range(400)}
+    after = api.post(snapshots(workspace.slug), {"base": str(whole.pk), "removed": ["m/000.py"]}).json()["id"]
+    assert Snapshot.objects.get(pk=after).root_id == whole.pk
+
+
+def test_a_lost_blob_counts_only_where_the_layer_keeps_it(api: Api, workspace: Workspace, base: str):
+    layer = api.post(snapshots(workspace.slug), {"base": base, "changes": [entry("a.py", D)]}).json()["id"]
+    # the first snapshot's a.py is replaced in the layer: losing its blob does not touch the layer
+    Blob.objects.filter(workspace=workspace, sha256=sha(A)).delete()
+    ok = api.post(snapshots(workspace.slug), {"base": layer, "changes": [entry("e.py", B2)]})
+    assert ok.status_code == 201, ok.content
+    # the layer's own d-bytes at a.py, lost, are missing; so are the root's b.py bytes it keeps
+    Blob.objects.filter(workspace=workspace, sha256__in=[sha(D), sha(B)]).delete()
+    refused = api.post(snapshots(workspace.slug), {"base": layer, "changes": [entry("f.py", C)]})
+    assert refused.status_code == 400, refused.content
+    assert sorted(refused.json()["error"]["fields"]["missing"]) == sorted([sha(B), sha(D)])
+
+
+def test_a_root_is_not_deleted_from_under_its_layers(api: Api, workspace: Workspace, base: str):
+    from django.db.models import RestrictedError
+
+    layer = api.post(snapshots(workspace.slug), {"base": base, "changes": [entry("d.py", D)]}).json()["id"]
+    with pytest.raises(RestrictedError):
+        Snapshot.objects.filter(pk=base).delete()
+    assert manifest(api, workspace.slug, layer)[-1] == entry("d.py", D)
+    Snapshot.objects.filter(pk=layer).delete()
+    Snapshot.objects.filter(pk=base).delete()
+    assert not SnapshotFile.objects.exists()
