@@ -50,12 +50,16 @@ def run_sync(file: Path | None, max_size: str | None, json_out: bool) -> int:
     import gc
 
     from cloudctl.errors import INTERRUPTED, CloudctlError
-    from cloudctl.sync import sync_command
 
     collecting = gc.isenabled()
     gc.disable()
     try:
-        sync_command(file, max_size, json_out)
+        from cloudctl.walk import start_walk
+
+        started = start_walk(file)  # the walk runs in a child while the rest of cloudctl.sync is imported
+        from cloudctl.sync import sync_command
+
+        sync_command(file, max_size, json_out, started=started)
     except CloudctlError as exc:
         from cloudctl import output
 

@@ -33,7 +33,6 @@ import hashlib
 import json
 import os
 import re
-import stat
 import sys
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -43,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 from cloudctl import output
 from cloudctl.client import BaseRefused, Client, MissingBlobs
 from cloudctl.errors import CloudctlError
+from cloudctl.walk import FileEntry, PendingWalk, walk_project
 
 # Imported where they are used: an incremental sync of a project without ignore files needs
 # neither pathspec nor a thread pool (concurrent.futures brings logging), and a whole `cloudctl
@@ -50,11 +50,10 @@ from cloudctl.errors import CloudctlError
 if TYPE_CHECKING:
     from concurrent.futures import Future, ThreadPoolExecutor
 
-    import pathspec
+    from cloudctl.project import Project
 
 DEFAULT_MAX_BYTES = 2 * 1024**3
 MAX_BYTES_ENV = "CLOUDCTL_SYNC_MAX_BYTES"
-IGNORE_FILES = (".gitignore", ".cloudignore")  # in this order: .cloudignore has the last word
 CHUNK = 1024 * 1024
 # hashlib releases the GIL on large updates, and small files are mostly open/read calls: a thread per core.
 HASH_WORKERS = max(2, min(8, os.cpu_count() or 2))
@@ -112,26 +111,6 @@ class SyncResult:
         return f"SyncResult({', '.join(f'{k}={v!r}' for k, v in self.as_dict().items())})"
 
 
-class FileEntry:
-    """One file of the project: where it is in the snapshot and where its bytes are read from."""
-
-    __slots__ = ("mode", "mtime_ns", "path", "sha256", "size", "source")
-
-    def __init__(self, path: str, source: str, size: int, mtime_ns: int, mode: int, sha256: str = "") -> None:
-        self.path = path  # relative to the project root, '/'-separated
-        self.source = source  # absolute path to read (a symlink's target)
-        self.size = size
-        self.mtime_ns = mtime_ns
-        self.mode = mode  # permission bits, st_mode & 0o777
-        self.sha256 = sha256
-
-    def __repr__(self) -> str:
-        return f"FileEntry({self.path!r}, size={self.size}, sha256={self.sha256[:12]!r})"
-
-    def manifest_entry(self) -> dict[str, Any]:
-        return {"path": self.path, "sha256": self.sha256, "size": self.size, "mode": self.mode}
-
-
 # -- sizes ------------------------------------------------------------------------------------------
 
 
@@ -178,157 +157,6 @@ def check_size(entries: Sequence[FileEntry], max_bytes: int) -> None:
                    f"--max-size or {MAX_BYTES_ENV}.")
     raise CloudctlError(f"The project is {human_size(total)} in {len(entries):,} files, over the sync limit of "
                         f"{human_size(max_bytes)}; nothing was uploaded.", details)
-
-
-# -- the walk ---------------------------------------------------------------------------------------
-
-
-def _spec(lines: list[str], origin: str) -> pathspec.GitIgnoreSpec | None:
-    if all(not line.rstrip() or line.startswith("#") for line in lines):
-        return None  # blank lines and comments only, as pathspec reads them: no patterns, no need for pathspec
-    import pathspec
-
-    try:
-        spec = pathspec.GitIgnoreSpec.from_lines(lines)
-    except ValueError as exc:  # pathspec's pattern errors are ValueErrors that quote the pattern
-        raise CloudctlError(f"{origin} has a pattern git would not accept: {exc}.") from None
-    return spec if spec.patterns else None
-
-
-def _read_spec(path: str, origin: str) -> pathspec.GitIgnoreSpec | None:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return _spec(f.read().splitlines(), origin)
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-        return None
-    except OSError as exc:
-        raise CloudctlError(f"Cannot read {origin}: {exc.strerror}.") from None
-
-
-class _Walker:
-    """One walk of one tree; `specs` is the stack of ignore files from the root down to the current directory."""
-
-    def __init__(self, root: str, excludes: Sequence[str]) -> None:
-        self.root = root
-        self.excludes = _spec(list(excludes), "`job.excludes` in cloud.yaml") if excludes else None
-        self.entries: list[FileEntry] = []
-
-    def ignored(self, rel: str, is_dir: bool, specs: list[tuple[str, pathspec.GitIgnoreSpec]]) -> bool:
-        """Git's rule: the deepest ignore file with a matching pattern decides, and in it the last match.
-
-        `job.excludes` outranks every ignore file: it is what this project says about the cloud.
-        """
-        candidate = rel + "/" if is_dir else rel
-        if self.excludes is not None:
-            verdict = self.excludes.check_file(candidate).include
-            if verdict is not None:
-                return verdict
-        for base, spec in reversed(specs):
-            verdict = spec.check_file(candidate[len(base):]).include
-            if verdict is not None:
-                return verdict
-        return False
-
-    def walk(self) -> list[FileEntry]:
-        specs: list[tuple[str, pathspec.GitIgnoreSpec]] = []
-        info_exclude = _read_spec(os.path.join(self.root, ".git", "info", "exclude"), ".git/info/exclude")
-        if info_exclude is not None:
-            specs.append(("", info_exclude))
-        self._dir(self.root, "", specs, {self.root})
-        self.entries.sort(key=lambda e: e.path)
-        return self.entries
-
-    def _dir(self, directory: str, rel: str, specs: list[tuple[str, pathspec.GitIgnoreSpec]],
-             ancestors: set[str]) -> None:
-        prefix = rel + "/" if rel else ""
-        # Listed and stat'ed through a descriptor of the directory: each stat is then relative to it,
-        # not a walk of the whole path again (a fifth of a 10,000-file walk).
-        try:
-            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError as exc:
-            raise CloudctlError(f"Cannot read the directory {prefix or './'}: {exc.strerror}.") from None
-        try:
-            self._children(fd, directory, prefix, specs, ancestors)
-        finally:
-            os.close(fd)
-
-    def _children(self, fd: int, directory: str, prefix: str, specs: list[tuple[str, pathspec.GitIgnoreSpec]],
-                  ancestors: set[str]) -> None:
-        try:
-            with os.scandir(fd) as it:
-                children = sorted(it, key=lambda d: d.name)
-        except OSError as exc:
-            raise CloudctlError(f"Cannot read the directory {prefix or './'}: {exc.strerror}.") from None
-        base = directory if directory.endswith(os.sep) else directory + os.sep
-        names = {child.name for child in children}
-        specs = list(specs)
-        for name in IGNORE_FILES:
-            spec = _read_spec(base + name, prefix + name) if name in names else None
-            if spec is not None:
-                specs.append((prefix, spec))
-        filtered = bool(specs) or self.excludes is not None  # else nothing is ignored: skip the checks
-        for child in children:
-            name = child.name
-            if name == ".git":  # a repository (or a submodule's .git file) is never part of a snapshot
-                continue
-            path = prefix + name
-            try:
-                if child.is_symlink():
-                    self._link(base + name, path, specs, ancestors)
-                elif child.is_dir(follow_symlinks=False):
-                    if not filtered or not self.ignored(path, True, specs):
-                        self._dir(base + name, path, specs, ancestors | {base + name})
-                elif child.is_file(follow_symlinks=False) and (not filtered or not self.ignored(path, False, specs)):
-                    self._add(path, base + name, child.stat(follow_symlinks=False))
-                # sockets, FIFOs and devices have no content to send
-            except FileNotFoundError:
-                continue  # deleted while we walked: it is simply not in this snapshot
-
-    def _link(self, link: str, path: str, specs: list[tuple[str, pathspec.GitIgnoreSpec]],
-              ancestors: set[str]) -> None:
-        target = os.path.realpath(link)
-        try:
-            st = os.stat(target)
-        except OSError:
-            st = None
-        is_dir = st is not None and stat.S_ISDIR(st.st_mode)
-        if self.ignored(path, is_dir, specs):
-            return
-        if st is None:
-            raise CloudctlError(f"{path} is a broken symbolic link (to {os.readlink(link)}); remove it or add "
-                                f"it to .cloudignore.")
-        if target != self.root and not target.startswith(self.root + os.sep):
-            raise CloudctlError(f"{path} is a symbolic link to {target}, outside the project, so it cannot be synced; "
-                                f"copy what it points to into the project or add the link to .cloudignore.")
-        if is_dir:
-            if target in ancestors:
-                raise CloudctlError(f"{path} is a symbolic link to one of its own parent directories (a loop); "
-                                    f"add it to .cloudignore.")
-            self._dir(target, path, specs, ancestors | {target})
-        elif stat.S_ISREG(st.st_mode):
-            self._add(path, target, st)
-
-    def _add(self, path: str, source: str, st: os.stat_result) -> None:
-        if not path.isascii():
-            try:
-                path.encode("utf-8")
-            except UnicodeEncodeError:
-                shown = path.encode("utf-8", "backslashreplace").decode("utf-8")
-                raise CloudctlError(f"{shown} has a name that is not valid UTF-8, which a snapshot path cannot be; "
-                                    f"rename it or add it to .cloudignore.") from None
-        if "\\" in path:
-            raise CloudctlError(f"{path} has a backslash in its name, which a snapshot path cannot hold; rename it or "
-                                f"add it to .cloudignore.")
-        self.entries.append(FileEntry(path=path, source=source, size=st.st_size, mtime_ns=st.st_mtime_ns,
-                                      mode=st.st_mode & 0o777))
-
-
-def walk_project(root: Path, excludes: Sequence[str] = ()) -> list[FileEntry]:
-    """The files a snapshot of `root` holds, sorted by path. Raises CloudctlError for a link it may not follow."""
-    real = os.path.realpath(root)
-    if not os.path.isdir(real):
-        raise CloudctlError(f"{root} is not a directory.")
-    return _Walker(real, excludes).walk()
 
 
 # -- the hash cache ---------------------------------------------------------------------------------
@@ -873,21 +701,22 @@ def _record(client: Client, entries: Sequence[FileEntry], cache: HashCache, base
 
 
 def sync_project(client: Client, root: Path, *, excludes: Sequence[str] = (), max_bytes: int | None = None,
-                 progress: bool = True) -> SyncResult:
+                 progress: bool = True, walk: PendingWalk | None = None) -> SyncResult:
     """Make the server hold `root`'s files and record them as a snapshot of the workspace.
 
     `excludes` are gitignore patterns relative to the root (cloud.yaml's `job.excludes`);
     `max_bytes` caps the project's total size (default: $CLOUDCTL_SYNC_MAX_BYTES, else 2 GiB);
-    `progress` shows bars on stderr when it is a terminal. Errors are CloudctlError, and
-    nothing is uploaded for a tree that is refused (a link out of the project, over the cap).
+    `progress` shows bars on stderr when it is a terminal; `walk`, the walk of `root` with `excludes`
+    already started (cloudctl.walk.start_walk). Errors are CloudctlError, and nothing is uploaded for
+    a tree that is refused (a link out of the project, over the cap).
     """
     limit = resolve_max_bytes(max_bytes)
-    entries = walk_project(root, excludes)
+    cache = HashCache.load(os.path.realpath(root))  # while the walk runs, if it was started
+    entries = walk.result() if walk is not None else walk_project(root, excludes)
     check_size(entries, limit)
     if len(entries) > MAX_FILES:
         raise CloudctlError(f"The project has {len(entries):,} files and a snapshot holds at most {MAX_FILES:,}; add "
                             f"what the job does not need to .cloudignore. Nothing was uploaded.")
-    cache = HashCache.load(os.path.realpath(root))
     remote = f"{client.url} {client.workspace}"
     confirmed = cache.confirmed(remote)
     base = cache.last_snapshot(remote)
@@ -949,24 +778,28 @@ def summary(result: SyncResult) -> str:
             f"({human_size(result.uploaded_bytes)}), {unchanged:,} unchanged. Snapshot {result.snapshot_id}")
 
 
-def sync_command(file: Path | None, max_size: str | None, json_out: bool, make_client: Any = None) -> None:
+def sync_command(file: Path | None, max_size: str | None, json_out: bool, make_client: Any = None,
+                 started: tuple[Project | None, PendingWalk] | None = None) -> None:
     """`cloudctl sync`, whether typer parsed its options (cloudctl.main) or the fast path did (cloudctl.cli).
 
-    Prints the summary line, or the JSON of SyncResult; errors are CloudctlError.
+    `started` is what cloudctl.walk.start_walk returned, if the caller started the walk before
+    importing this module. Prints the summary line, or the JSON of SyncResult; errors are CloudctlError.
     """
-    from cloudctl.project import load_project
+    from cloudctl.walk import start_walk
 
-    project = load_project(file, required=file is not None)
-    root = project.root if project is not None else Path.cwd()
-    limit = parse_size(max_size) if max_size is not None else None
-    if make_client is None:
-        from cloudctl import config
+    project, walk = started if started is not None else start_walk(file)
+    try:
+        root = project.root if project is not None else Path.cwd()
+        limit = parse_size(max_size) if max_size is not None else None
+        if make_client is None:
+            from cloudctl import config
 
-        client = Client.from_config(config.load())
-    else:
-        client = make_client()
-    result = sync_project(client, root, excludes=project.job.excludes if project is not None else [],
-                          max_bytes=limit, progress=not json_out)
+            client = Client.from_config(config.load())
+        else:
+            client = make_client()
+        result = sync_project(client, root, max_bytes=limit, progress=not json_out, walk=walk)
+    finally:
+        walk.close()
     if json_out:
         output.print_json(result.as_dict())
     else:

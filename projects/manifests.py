@@ -159,8 +159,11 @@ def insert_rows(snapshot: Snapshot, rows: Iterable[tuple[str, str, int, int]]) -
 def lost_blobs(workspace_id: object, snapshot: Snapshot) -> dict[str, str]:
     """{path: sha256} of the files of `snapshot` whose hash is not an uploaded blob of the workspace.
 
-    In the database, a query per layer: an index probe per row into the blobs and, for the rows of
-    a layer's root, one into the layer's own rows, so that a root row the layer replaces does not count.
+    Only the layers not known to hold all their blobs (Snapshot.blobs_held) are read: in the
+    database, an index probe per row into the blobs and, for the rows of a layer's root, one into
+    the layer's own rows, so that a root row the layer replaces does not count. A layer found
+    whole is marked so again; so a sync reads the blobs of a 10,000-file root only after a blob of
+    the workspace was deleted, not every time.
     """
     blobs = Blob._meta
     table = _quote(SnapshotFile._meta.db_table)
@@ -170,14 +173,18 @@ def lost_blobs(workspace_id: object, snapshot: Snapshot) -> dict[str, str]:
                  f"AND NOT EXISTS (SELECT 1 FROM {_quote(blobs.db_table)} b "
                  f"WHERE b.{blob_ws} = %s AND b.{blob_sha} = f.{sha256})")
     not_replaced = f" AND NOT EXISTS (SELECT 1 FROM {table} o WHERE o.{snap} = %s AND o.{path} = f.{path})"  # noqa: S608
-    if snapshot.root_id is None:
-        queries = [(lost_rows, [_ref(snapshot.pk), workspace_id])]
-    else:
-        queries = [(lost_rows + not_replaced, [_ref(snapshot.root_id), workspace_id, _ref(snapshot.pk)]),
-                   (lost_rows, [_ref(snapshot.pk), workspace_id])]
+    queries: list[tuple[Snapshot, str, list]] = []
+    if snapshot.root_id is not None and not snapshot.root.blobs_held:
+        queries.append((snapshot.root, lost_rows + not_replaced,
+                        [_ref(snapshot.root_id), workspace_id, _ref(snapshot.pk)]))
+    if not snapshot.blobs_held:
+        queries.append((snapshot, lost_rows, [_ref(snapshot.pk), workspace_id]))
     lost: dict[str, str] = {}
     with connection.cursor() as cursor:
-        for sql, params in queries:
+        for layer, sql, params in queries:
             cursor.execute(sql, params)
-            lost.update(cursor.fetchall())
+            found = dict(cursor.fetchall())
+            lost.update(found)
+            if not found and layer is snapshot:  # a root's rows were read only where the layer keeps them
+                Snapshot.objects.filter(pk=layer.pk).update(blobs_held=True)
     return lost

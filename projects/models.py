@@ -47,6 +47,9 @@ class Snapshot(WorkspaceOwned):
     file_count = models.IntegerField(default=0)
     digest = models.CharField(max_length=64, blank=True, default="", editable=False)
     manifest_state = models.BinaryField(null=True, editable=False)
+    # Every blob the rows name was an uploaded blob of the workspace when last looked at; cleared for all the
+    # workspace's snapshots when one of its blobs is deleted (projects.signals), so that only then are they read.
+    blobs_held = models.BooleanField(default=True, editable=False)
     # RESTRICT: a root is not deleted from under its layers, unless they go too (with their workspace)
     root = models.ForeignKey("self", null=True, blank=True, on_delete=models.RESTRICT, related_name="layers",
                              editable=False)

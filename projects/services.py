@@ -251,7 +251,8 @@ def blobs_upload_batch(*, workspace: Workspace, stream: BinaryIO | None, actor: 
 
 def _same_snapshot(workspace: Workspace, digest: str) -> Snapshot | None:
     """The workspace's snapshot of the manifest named `digest`, if it has one and still holds all its blobs."""
-    snapshot = Snapshot.objects.for_workspace(workspace).filter(digest=digest).order_by("created_at").first()
+    snapshot = (Snapshot.objects.for_workspace(workspace).filter(digest=digest).select_related("root")
+                .order_by("created_at").first())
     if snapshot is None or manifests.lost_blobs(workspace.pk, snapshot):
         return None  # a lost blob makes the request fail below, naming it, so that it is uploaded again
     return snapshot
@@ -351,7 +352,7 @@ def _record_delta(workspace: Workspace, actor: Actor, base: uuid.UUID | str, cha
     the base's state less those entries plus the changes (projects.manifests), and the new snapshot
     is written as a layer over the base's root (see _write_layer). Nothing reads the base whole.
     """
-    source = Snapshot.objects.for_workspace(workspace).filter(pk=base).first()
+    source = Snapshot.objects.for_workspace(workspace).filter(pk=base).select_related("root").first()
     if source is None:
         raise ValidationFailed({"base": [f"No snapshot {base} in this workspace."]},
                                message="The base is not a snapshot of this workspace.")

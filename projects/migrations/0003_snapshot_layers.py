@@ -39,5 +39,15 @@ class Migration(migrations.Migration):
             name='root',
             field=models.ForeignKey(blank=True, editable=False, null=True, on_delete=django.db.models.deletion.RESTRICT, related_name='layers', to='projects.snapshot'),
         ),
+        migrations.AddField(
+            model_name='snapshot',
+            name='blobs_held',
+            field=models.BooleanField(default=False, editable=False),
+        ),
+        migrations.AlterField(
+            model_name='snapshot',
+            name='blobs_held',
+            field=models.BooleanField(default=True, editable=False),
+        ),
         migrations.RunPython(name_by_state, migrations.RunPython.noop),
     ]

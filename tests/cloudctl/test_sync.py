@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import stat
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -210,6 +211,49 @@ def test_over_the_cap_lists_the_ten_largest_and_hints_at_cloudignore():
 
 
 # -- the hash cache -------------------------------------------------------------------------------
+
+
+WALK_IN_A_CHILD = """
+import json, sys
+from cloudctl.errors import CloudctlError
+from cloudctl.walk import PendingWalk, walk_project
+walk = PendingWalk(sys.argv[1], sys.argv[2:])
+forked = walk.pid is not None
+try:
+    entries = [[e.path, e.source, e.size, e.mtime_ns, e.mode] for e in walk.result()]
+except CloudctlError as exc:
+    entries = {"error": exc.lines()}
+print(json.dumps({"forked": forked, "entries": entries}))
+"""
+
+
+def walk_in_a_child(root: Path, *excludes: str) -> dict:
+    # a process of its own: this one may run threads (a live server), and a walk is not forked from those
+    done = subprocess.run([sys.executable, "-c", WALK_IN_A_CHILD, str(root), *excludes], capture_output=True,
+                          text=True, check=True, timeout=60)
+    return json.loads(done.stdout)
+
+
+def test_a_walk_forked_into_a_child_gives_what_the_walk_gives_and_its_errors(project: Path, tmp_path: Path):
+    make_tree(project, 300)
+    write(project, ".gitignore", "*.log\nbuild/\n")
+    write(project, "pkg1/x.log", "log")
+    write(project, "build/out.o", "o")
+    write(project, "run.sh", "#!/bin/sh\n", mode=0o755)
+    write(project, "notes/ü.md", "ü")
+    (project / "link.py").symlink_to("pkg1/mod1.py")
+    # when / then: the same entries, in the same order, as a walk in this process
+    here = [[e.path, e.source, e.size, e.mtime_ns, e.mode] for e in walk_project(project, ["notes/"])]
+    child = walk_in_a_child(project, "notes/")
+    assert child["forked"] is True
+    assert child["entries"] == here and len(here) == 303  # 300 modules, .gitignore, run.sh, link.py
+    # and what the walk refuses is refused alike, with its message
+    outside = tmp_path / "outside.txt"
+    outside.write_text("secret")
+    (project / "leak.txt").symlink_to(outside)
+    with pytest.raises(CloudctlError) as refused:
+        walk_project(project)
+    assert walk_in_a_child(project)["entries"] == {"error": refused.value.lines()}
 
 
 def make_tree(root: Path, count: int) -> None:

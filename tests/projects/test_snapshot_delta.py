@@ -346,3 +346,24 @@ def test_a_root_is_not_deleted_from_under_its_layers(api: Api, workspace: Worksp
     Snapshot.objects.filter(pk=layer).delete()
     Snapshot.objects.filter(pk=base).delete()
     assert not SnapshotFile.objects.exists()
+
+
+def test_a_bases_blobs_are_looked_at_again_only_after_a_blob_of_the_workspace_was_deleted(
+    api: Api, workspace: Workspace, base: str
+):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    def made_from_base(data: bytes) -> list[str]:
+        with CaptureQueriesContext(connection) as queries:
+            response = api.post(snapshots(workspace.slug), {"base": base, "changes": [entry("new.py", data)]})
+        assert response.status_code == 201, response.content
+        return [q["sql"] for q in queries.captured_queries if "NOT EXISTS" in q["sql"]]
+
+    assert made_from_base(D) == []  # nothing deleted since the base was written: its rows are not read
+    Blob.objects.filter(workspace=workspace, sha256=sha(C)).delete()
+    assert not Snapshot.objects.filter(blobs_held=True).exists()
+    upload(api, workspace.slug, C)
+    assert len(made_from_base(B2)) == 1  # read once, found whole ...
+    assert Snapshot.objects.get(pk=base).blobs_held
+    assert made_from_base(A) == []  # ... and known to be so

@@ -1,0 +1,284 @@
+"""The files of a project that a snapshot holds: a walk honouring ignore files, and the same walk in a child process.
+
+`walk_project` lists the files to send, honouring `.gitignore` and `.cloudignore` at every level
+(gitignore semantics, each file relative to its own directory), `.git/info/exclude` and the
+project's `job.excludes`; `.git` is always skipped. Symbolic links to files inside the project are
+followed; any other link is refused before anything is sent.
+
+A walk of 10,000 files is a stat call each, about as long as everything else an incremental sync
+does; `PendingWalk` runs it in a forked child while `cloudctl sync` starts the rest (its imports,
+the hash cache), and reads the result back through a pipe. This module imports little for that
+reason: the child starts from what is loaded when it forks.
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+import stat
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cloudctl.errors import CloudctlError
+
+if TYPE_CHECKING:
+    import pathspec
+
+    from cloudctl.project import Project
+
+IGNORE_FILES = (".gitignore", ".cloudignore")  # in this order: .cloudignore has the last word
+
+
+class FileEntry:
+    """One file of the project: where it is in the snapshot and where its bytes are read from."""
+
+    __slots__ = ("mode", "mtime_ns", "path", "sha256", "size", "source")
+
+    def __init__(self, path: str, source: str, size: int, mtime_ns: int, mode: int, sha256: str = "") -> None:
+        self.path = path  # relative to the project root, '/'-separated
+        self.source = source  # absolute path to read (a symlink's target)
+        self.size = size
+        self.mtime_ns = mtime_ns
+        self.mode = mode  # permission bits, st_mode & 0o777
+        self.sha256 = sha256
+
+    def __repr__(self) -> str:
+        return f"FileEntry({self.path!r}, size={self.size}, sha256={self.sha256[:12]!r})"
+
+    def manifest_entry(self) -> dict[str, Any]:
+        return {"path": self.path, "sha256": self.sha256, "size": self.size, "mode": self.mode}
+
+
+
+def _spec(lines: list[str], origin: str) -> pathspec.GitIgnoreSpec | None:
+    if all(not line.rstrip() or line.startswith("#") for line in lines):
+        return None  # blank lines and comments only, as pathspec reads them: no patterns, no need for pathspec
+    import pathspec
+
+    try:
+        spec = pathspec.GitIgnoreSpec.from_lines(lines)
+    except ValueError as exc:  # pathspec's pattern errors are ValueErrors that quote the pattern
+        raise CloudctlError(f"{origin} has a pattern git would not accept: {exc}.") from None
+    return spec if spec.patterns else None
+
+
+def _read_spec(path: str, origin: str) -> pathspec.GitIgnoreSpec | None:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return _spec(f.read().splitlines(), origin)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+    except OSError as exc:
+        raise CloudctlError(f"Cannot read {origin}: {exc.strerror}.") from None
+
+
+class _Walker:
+    """One walk of one tree; `specs` is the stack of ignore files from the root down to the current directory."""
+
+    def __init__(self, root: str, excludes: Sequence[str]) -> None:
+        self.root = root
+        self.excludes = _spec(list(excludes), "`job.excludes` in cloud.yaml") if excludes else None
+        self.entries: list[FileEntry] = []
+
+    def ignored(self, rel: str, is_dir: bool, specs: list[tuple[str, pathspec.GitIgnoreSpec]]) -> bool:
+        """Git's rule: the deepest ignore file with a matching pattern decides, and in it the last match.
+
+        `job.excludes` outranks every ignore file: it is what this project says about the cloud.
+        """
+        candidate = rel + "/" if is_dir else rel
+        if self.excludes is not None:
+            verdict = self.excludes.check_file(candidate).include
+            if verdict is not None:
+                return verdict
+        for base, spec in reversed(specs):
+            verdict = spec.check_file(candidate[len(base):]).include
+            if verdict is not None:
+                return verdict
+        return False
+
+    def walk(self) -> list[FileEntry]:
+        specs: list[tuple[str, pathspec.GitIgnoreSpec]] = []
+        info_exclude = _read_spec(os.path.join(self.root, ".git", "info", "exclude"), ".git/info/exclude")
+        if info_exclude is not None:
+            specs.append(("", info_exclude))
+        self._dir(self.root, "", specs, {self.root})
+        self.entries.sort(key=lambda e: e.path)
+        return self.entries
+
+    def _dir(self, directory: str, rel: str, specs: list[tuple[str, pathspec.GitIgnoreSpec]],
+             ancestors: set[str]) -> None:
+        prefix = rel + "/" if rel else ""
+        # Listed and stat'ed through a descriptor of the directory: each stat is then relative to it,
+        # not a walk of the whole path again (a fifth of a 10,000-file walk).
+        try:
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise CloudctlError(f"Cannot read the directory {prefix or './'}: {exc.strerror}.") from None
+        try:
+            self._children(fd, directory, prefix, specs, ancestors)
+        finally:
+            os.close(fd)
+
+    def _children(self, fd: int, directory: str, prefix: str, specs: list[tuple[str, pathspec.GitIgnoreSpec]],
+                  ancestors: set[str]) -> None:
+        try:
+            with os.scandir(fd) as it:
+                children = sorted(it, key=lambda d: d.name)
+        except OSError as exc:
+            raise CloudctlError(f"Cannot read the directory {prefix or './'}: {exc.strerror}.") from None
+        base = directory if directory.endswith(os.sep) else directory + os.sep
+        names = {child.name for child in children}
+        specs = list(specs)
+        for name in IGNORE_FILES:
+            spec = _read_spec(base + name, prefix + name) if name in names else None
+            if spec is not None:
+                specs.append((prefix, spec))
+        filtered = bool(specs) or self.excludes is not None  # else nothing is ignored: skip the checks
+        for child in children:
+            name = child.name
+            if name == ".git":  # a repository (or a submodule's .git file) is never part of a snapshot
+                continue
+            path = prefix + name
+            try:
+                if child.is_symlink():
+                    self._link(base + name, path, specs, ancestors)
+                elif child.is_dir(follow_symlinks=False):
+                    if not filtered or not self.ignored(path, True, specs):
+                        self._dir(base + name, path, specs, ancestors | {base + name})
+                elif child.is_file(follow_symlinks=False) and (not filtered or not self.ignored(path, False, specs)):
+                    self._add(path, base + name, child.stat(follow_symlinks=False))
+                # sockets, FIFOs and devices have no content to send
+            except FileNotFoundError:
+                continue  # deleted while we walked: it is simply not in this snapshot
+
+    def _link(self, link: str, path: str, specs: list[tuple[str, pathspec.GitIgnoreSpec]],
+              ancestors: set[str]) -> None:
+        target = os.path.realpath(link)
+        try:
+            st = os.stat(target)
+        except OSError:
+            st = None
+        is_dir = st is not None and stat.S_ISDIR(st.st_mode)
+        if self.ignored(path, is_dir, specs):
+            return
+        if st is None:
+            raise CloudctlError(f"{path} is a broken symbolic link (to {os.readlink(link)}); remove it or add "
+                                f"it to .cloudignore.")
+        if target != self.root and not target.startswith(self.root + os.sep):
+            raise CloudctlError(f"{path} is a symbolic link to {target}, outside the project, so it cannot be synced; "
+                                f"copy what it points to into the project or add the link to .cloudignore.")
+        if is_dir:
+            if target in ancestors:
+                raise CloudctlError(f"{path} is a symbolic link to one of its own parent directories (a loop); "
+                                    f"add it to .cloudignore.")
+            self._dir(target, path, specs, ancestors | {target})
+        elif stat.S_ISREG(st.st_mode):
+            self._add(path, target, st)
+
+    def _add(self, path: str, source: str, st: os.stat_result) -> None:
+        if not path.isascii():
+            try:
+                path.encode("utf-8")
+            except UnicodeEncodeError:
+                shown = path.encode("utf-8", "backslashreplace").decode("utf-8")
+                raise CloudctlError(f"{shown} has a name that is not valid UTF-8, which a snapshot path cannot be; "
+                                    f"rename it or add it to .cloudignore.") from None
+        if "\\" in path:
+            raise CloudctlError(f"{path} has a backslash in its name, which a snapshot path cannot hold; rename it or "
+                                f"add it to .cloudignore.")
+        self.entries.append(FileEntry(path=path, source=source, size=st.st_size, mtime_ns=st.st_mtime_ns,
+                                      mode=st.st_mode & 0o777))
+
+
+def walk_project(root: Path, excludes: Sequence[str] = ()) -> list[FileEntry]:
+    """The files a snapshot of `root` holds, sorted by path. Raises CloudctlError for a link it may not follow."""
+    real = os.path.realpath(root)
+    if not os.path.isdir(real):
+        raise CloudctlError(f"{root} is not a directory.")
+    return _Walker(real, excludes).walk()
+
+
+class PendingWalk:
+    """`walk_project(root, excludes)` started in a forked child; `result()` is what it returns or raises.
+
+    The child sends its entries (or the message of the CloudctlError it met) marshalled through a
+    pipe and exits. Where there is no fork, or the child dies without a whole answer, the walk is
+    done again here: the child only ever saves time.
+    """
+
+    def __init__(self, root: Path, excludes: Sequence[str] = ()) -> None:
+        self.root, self.excludes = root, list(excludes)
+        self.pid: int | None = None
+        self.fd: int | None = None
+        threading = sys.modules.get("threading")  # not imported: no other thread to be copied half-way
+        if not hasattr(os, "fork") or (threading is not None and threading.active_count() > 1):
+            return  # a forked child of a threaded process may find a lock held for ever: walk here
+        try:
+            read, write = os.pipe()
+            pid = os.fork()
+        except OSError:
+            return
+        if pid == 0:  # the child: walk, answer, and leave without running anything of the parent's
+            code = 0
+            try:
+                os.close(read)
+                try:
+                    answer: Any = ("entries", [(e.path, e.source, e.size, e.mtime_ns, e.mode)
+                                               for e in walk_project(self.root, self.excludes)])
+                except CloudctlError as exc:
+                    answer = ("error", exc.message, exc.details, exc.code)
+                data = marshal.dumps(answer)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(write, view):]
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(write)
+        self.pid, self.fd = pid, read
+
+    def result(self) -> list[FileEntry]:
+        answer = self._answer()
+        if answer is None:
+            return walk_project(self.root, self.excludes)
+        if answer[0] == "error":
+            raise CloudctlError(answer[1], answer[2], code=answer[3])
+        return [FileEntry(path, source, size, mtime_ns, mode) for path, source, size, mtime_ns, mode in answer[1]]
+
+    def _answer(self) -> tuple | None:
+        if self.fd is None:
+            return None
+        chunks = []
+        try:
+            while chunk := os.read(self.fd, 1 << 20):
+                chunks.append(chunk)
+        finally:
+            status = self.close()
+        if status != 0:
+            return None
+        try:
+            answer = marshal.loads(b"".join(chunks))  # noqa: S302 - from our own child, through a private pipe
+        except (EOFError, ValueError, TypeError):
+            return None
+        return answer if isinstance(answer, tuple) and answer and answer[0] in ("entries", "error") else None
+
+    def close(self) -> int | None:
+        """Stop reading and reap the child (one not done yet ends on its closed pipe); its exit status."""
+        if self.fd is None or self.pid is None:
+            return None
+        os.close(self.fd)
+        self.fd = None
+        _, status = os.waitpid(self.pid, 0)
+        return status
+
+
+def start_walk(file: Path | None) -> tuple[Project | None, PendingWalk]:
+    """The project of `cloudctl sync [-f FILE]` (cloud.yaml, if any) and the walk of its root, started."""
+    from cloudctl.project import load_project
+
+    project = load_project(file, required=file is not None)
+    root = project.root if project is not None else Path.cwd()
+    return project, PendingWalk(root, project.job.excludes if project is not None else [])
