@@ -185,29 +185,36 @@ class Client:
             raise api_error(status, answer)
         return answer
 
-    def snapshot_create(self, files: list[dict]) -> dict:
+    def snapshot_create(self, files: list[dict], blobs: dict[str, str] | None = None) -> dict:
         """Record a manifest of {path, sha256, size, mode}; MissingBlobs if the workspace lacks some of its blobs.
 
-        If the workspace already has a snapshot of exactly this manifest, the answer is that one.
+        `blobs` ({sha256: base64 bytes}, small ones) are stored in the same request; BlobsChanged names those
+        whose bytes do not hash to their key. If the workspace already has a snapshot of exactly this
+        manifest, the answer is that one.
         """
-        return self._snapshot({"files": files})
+        return self._snapshot({"files": files}, blobs)
 
-    def snapshot_create_from(self, base: str, changes: list[dict], removed: list[str], digest: str | None = None
-                             ) -> dict:
+    def snapshot_create_from(self, base: str, changes: list[dict], removed: list[str], digest: str | None = None,
+                             blobs: dict[str, str] | None = None) -> dict:
         """Record the manifest of snapshot `base` with `changes` ({path, sha256, size, mode}: new or changed files)
-        and without `removed` (paths), which must come out as `digest` if given. MissingBlobs as for
-        `snapshot_create`; BaseRefused if the server will not make it from `base` (gone, not this workspace's,
-        or not holding what the caller thinks it does)."""
+        and without `removed` (paths), which must come out as `digest` if given. `blobs`, MissingBlobs and
+        BlobsChanged as for `snapshot_create`; BaseRefused if the server will not make it from `base` (gone, not
+        this workspace's, or not holding what the caller thinks it does)."""
         body: dict = {"base": base, "changes": changes, "removed": removed}
         if digest is not None:
             body["digest"] = digest
-        return self._snapshot(body)
+        return self._snapshot(body, blobs)
 
-    def _snapshot(self, body: dict) -> dict:
+    def _snapshot(self, body: dict, blobs: dict[str, str] | None) -> dict:
+        if blobs:
+            body["blobs"] = blobs
         status, answer = self._sync_request("POST", f"workspaces/{self._ws()}/snapshots/", json=body)
         if status == 400:
             error = answer.get("error") if isinstance(answer, dict) else None
             fields = error.get("fields") if isinstance(error, dict) else None
+            changed = fields.get("blobs") if isinstance(fields, dict) else None
+            if blobs and isinstance(changed, dict) and changed.keys() <= blobs.keys():
+                raise BlobsChanged(sorted(changed))
             missing = fields.get("missing") if isinstance(fields, dict) else None
             if isinstance(missing, list) and missing:
                 raise MissingBlobs([str(h) for h in missing])
@@ -223,6 +230,14 @@ class MissingBlobs(CloudctlError):
     def __init__(self, missing: list[str]) -> None:
         super().__init__(f"The control plane lacks {len(missing)} of the snapshot's blobs.")
         self.missing = missing
+
+
+class BlobsChanged(CloudctlError):
+    """Bytes sent with a snapshot did not hash to their SHA-256 (the files changed since): hash them again."""
+
+    def __init__(self, hashes: list[str]) -> None:
+        super().__init__(f"{len(hashes)} files changed while the project was being synced.")
+        self.hashes = hashes
 
 
 class BaseRefused(CloudctlError):

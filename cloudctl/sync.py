@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cloudctl import output
-from cloudctl.client import BaseRefused, Client, MissingBlobs
+from cloudctl.client import BaseRefused, BlobsChanged, Client, MissingBlobs
 from cloudctl.errors import CloudctlError
 from cloudctl.walk import FileEntry, PendingWalk, walk_project
 
@@ -74,8 +74,9 @@ STATE_BYTES = 512  # a manifest state (see manifest_state) is a number of this m
 STATE_MODULUS = 1 << (8 * STATE_BYTES)
 _HEX = re.compile(r"[0-9a-f]+")
 CACHE_REMOTES = 4  # servers (URL and workspace) whose confirmed hashes the cache remembers
-# Hashes no server has confirmed yet are uploaded without asking first when they are this few
-# bytes in all: one request instead of two, at the cost of re-sending a few KB the server may hold.
+# Hashes no server has confirmed yet are sent with the snapshot, without asking first which the server
+# lacks, when they are this few bytes in all: one request instead of three, at the cost of re-sending a
+# few KB the server may hold. (The server takes up to 1 MiB so; base64 makes 256 KiB about 342 KB.)
 UNASKED_MAX_BYTES = 256 * 1024
 UNASKED_MAX_FILES = 64
 JOURNAL_MAX_FILES = 1_000  # entries changed at most for a line of the cache's journal; more: the file is rewritten
@@ -647,7 +648,7 @@ def _ask_missing(client: Client, hashes: list[str]) -> set[str]:
 
 
 def _unasked(to_hash: dict[str, FileEntry]) -> bool:
-    """Whether to upload these blobs without asking the server first which it lacks (see UNASKED_MAX_BYTES)."""
+    """Whether to send these blobs with the snapshot, without asking the server first (see UNASKED_MAX_BYTES)."""
     return 0 < len(to_hash) <= UNASKED_MAX_FILES and sum(e.size for e in to_hash.values()) <= UNASKED_MAX_BYTES
 
 
@@ -671,9 +672,18 @@ def manifest_digest(state: int) -> str:
     return hashlib.sha256(state.to_bytes(STATE_BYTES, "little")).hexdigest()
 
 
-def _record(client: Client, entries: Sequence[FileEntry], cache: HashCache, base: str | None) -> tuple[dict, int]:
+def _inline(blobs: dict[str, FileEntry]) -> dict[str, str]:
+    """{sha256: base64 bytes} of a few small files, to send with the snapshot (see UNASKED_MAX_BYTES)."""
+    import base64
+
+    return {sha256: base64.b64encode(b"".join(_file_chunks(entry, sha256, lambda n: None))).decode("ascii")
+            for sha256, entry in blobs.items()}
+
+
+def _record(client: Client, entries: Sequence[FileEntry], cache: HashCache, base: str | None,
+            blobs: dict[str, str] | None = None) -> tuple[dict, int]:
     """The snapshot of `entries` and its manifest state: made from `base` where there is one (see HashCache), else
-    from the whole manifest.
+    from the whole manifest; `blobs` (see _inline) are sent with it.
 
     The digest sent with a delta is worked out from the cached state of `base` and the entries that
     differ from it, never from all 10,000; it makes the server refuse a delta whose result is not
@@ -690,11 +700,12 @@ def _record(client: Client, entries: Sequence[FileEntry], cache: HashCache, base
         state = (state + sum(_entry_number(f["path"], f["sha256"], f["size"], f["mode"]) for f in changes)
                  ) % STATE_MODULUS
         try:
-            return client.snapshot_create_from(base, changes, removed, digest=manifest_digest(state)), state
+            return client.snapshot_create_from(base, changes, removed, digest=manifest_digest(state),
+                                               blobs=blobs), state
         except BaseRefused:
             pass
     state = manifest_state((e.path, e.sha256, e.size, e.mode) for e in entries)
-    return client.snapshot_create([e.manifest_entry() for e in entries]), state
+    return client.snapshot_create([e.manifest_entry() for e in entries], blobs=blobs), state
 
 
 # -- the whole sync ---------------------------------------------------------------------------------
@@ -732,27 +743,35 @@ def sync_project(client: Client, root: Path, *, excludes: Sequence[str] = (), ma
             ask = [h for h in by_hash if h not in confirmed]
             for _ in range(MAX_ROUNDS):
                 to_hash = {h: by_hash[h] for h in ask if h in by_hash}
-                if not _unasked(to_hash):
+                inline: dict[str, FileEntry] = {}
+                if _unasked(to_hash):  # a few small files: sent with the snapshot, one request in all
+                    inline, to_hash = to_hash, {}
+                else:
                     missing = _ask_missing(client, ask)
                     to_hash = {h: by_hash[h] for h in by_hash if h in missing}
                 done = upload_blobs(client, to_hash, bars)
                 uploaded.blobs += done.blobs
                 uploaded.bytes += done.bytes
-                if done.changed:
-                    rehashed = _rehash_changed(entries, set(done.changed), bars)
-                    hashed += len(rehashed)
-                    ask = list(dict.fromkeys(e.sha256 for e in rehashed))
-                    by_hash = {}
-                    for entry in entries:
-                        by_hash.setdefault(entry.sha256, entry)
-                    continue
-                try:
-                    snapshot, state = _record(client, entries, cache, base)
-                except MissingBlobs as exc:  # it lost blobs it once confirmed: send them again
-                    confirmed.difference_update(exc.missing)
-                    ask = [h for h in exc.missing if h in by_hash]
-                    continue
-                break
+                changed = done.changed
+                if not changed:
+                    try:
+                        snapshot, state = _record(client, entries, cache, base, _inline(inline))
+                    except MissingBlobs as exc:  # it lost blobs it once confirmed: send them again
+                        confirmed.difference_update(exc.missing)
+                        ask = [h for h in dict.fromkeys([*exc.missing, *inline]) if h in by_hash]
+                        continue  # (a refused request keeps none of the blobs it carried)
+                    except BlobsChanged as exc:
+                        changed = exc.hashes
+                    else:
+                        uploaded.blobs += len(inline)
+                        uploaded.bytes += sum(e.size for e in inline.values())
+                        break
+                rehashed = _rehash_changed(entries, set(changed), bars)
+                hashed += len(rehashed)
+                ask = list(dict.fromkeys([*(e.sha256 for e in rehashed), *(h for h in inline if h not in changed)]))
+                by_hash = {}
+                for entry in entries:
+                    by_hash.setdefault(entry.sha256, entry)
         finally:
             cache.save(entries, remote, str(snapshot["id"]) if snapshot else None, state)
     if snapshot is None:

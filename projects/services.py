@@ -307,7 +307,8 @@ def snapshot_create(*, workspace: Workspace, files: list[dict], actor: Actor) ->
 @transaction.atomic
 def snapshot_record(*, workspace: Workspace, actor: Actor, files: list[dict] | None = None,
                     base: uuid.UUID | str | None = None, changes: list[dict] | None = None,
-                    removed: list[str] | None = None, digest: str | None = None) -> tuple[Snapshot, bool]:
+                    removed: list[str] | None = None, digest: str | None = None,
+                    blobs: dict[str, bytes] | None = None) -> tuple[Snapshot, bool]:
     """Record a manifest whose entries are already well-formed (projects.api.serializers.SnapshotCreate).
 
     The manifest is `files`, whole, or the snapshot `base` of this workspace with `changes` (files
@@ -317,9 +318,22 @@ def snapshot_record(*, workspace: Workspace, actor: Actor, files: list[dict] | N
     what the manifest's digest must be (projects.manifests): a caller that computes a delta from
     what it believes `base` holds learns so if it is wrong, instead of recording another tree.
 
+    `blobs` ({sha256: bytes}) are stored first, as blob_upload would, so that a sync with a few
+    small new files makes one request; bytes that do not hash to their key are a 400 naming them
+    under `blobs`, and nothing of the request is kept.
+
     Returns (snapshot, created): if the workspace already has a snapshot of exactly this manifest
     whose blobs it still holds, that one, and nothing is written; else a new one.
     """
+    mismatched = {}
+    for sha256, data in (blobs or {}).items():
+        try:
+            blob_upload(workspace=workspace, sha256=sha256, chunks=[data], actor=actor)
+        except HashMismatch as exc:
+            mismatched[sha256] = [exc.message]
+    if mismatched:
+        raise ValidationFailed({"blobs": mismatched}, message=f"{len(mismatched)} of the blobs sent do not hash "
+                                                              f"to their SHA-256; nothing was recorded.")
     if files is not None:
         return _record_whole(workspace, actor, files, digest)
     if base is None:

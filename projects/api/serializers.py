@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 
 from django.core.validators import RegexValidator
@@ -13,6 +14,7 @@ from projects.models import MAX_SNAPSHOT_FILES
 SHA256_REGEX = r"[0-9a-f]{64}"
 MAX_MISSING_QUERY = 10_000
 MAX_PATH = 4096
+MAX_INLINE_BLOB_BYTES = 1024 * 1024  # blobs sent in a snapshot request, in all (decoded)
 
 sha256_validator = RegexValidator(rf"^{SHA256_REGEX}\Z", "A SHA-256 is 64 lowercase hexadecimal characters.")
 
@@ -163,18 +165,46 @@ class SnapshotCreate(StrictSerializer):
                                     "little-endian. A manifest that comes out otherwise is refused (400 naming "
                                     "`digest`).")
 
+    blobs = serializers.DictField(
+        child=StrictCharField(trim_whitespace=False, allow_blank=True), required=False,
+        help_text=f"Optional: the bytes of small new blobs, base64 by SHA-256, at most {MAX_INLINE_BLOB_BYTES} bytes "
+                  f"in all: stored (each hash verified) before the manifest is recorded, in the same request. "
+                  f"Bytes that do not hash to their key are a 400 naming it under `blobs`, and nothing is kept.")
+
     def to_internal_value(self, data):
         for key in ("files", "changes", "removed"):
             _refuse_long_list(data, key, MAX_SNAPSHOT_FILES)
-        plain = _plain_request(data)
+        blobs = data.get("blobs") if isinstance(data, dict) else None
+        plain = _plain_request({k: v for k, v in data.items() if k != "blobs"} if blobs is not None else data)
         if plain is None:
             return super().to_internal_value(data)
-        if "base" in data:
-            try:
-                plain["base"] = self.fields["base"].run_validation(data["base"])
-            except serializers.ValidationError as error:
-                raise serializers.ValidationError({"base": error.detail}) from None
+        for key in ("base", "blobs"):
+            if key in data:
+                try:
+                    plain[key] = getattr(self, f"validate_{key}", lambda v: v)(
+                        self.fields[key].run_validation(data[key]))
+                except serializers.ValidationError as error:
+                    raise serializers.ValidationError({key: error.detail}) from None
         return plain
+
+    def validate_blobs(self, blobs: dict[str, str]) -> dict[str, bytes]:
+        """{sha256: bytes}: keys are SHA-256 hex, values strict base64, all of them at most MAX_INLINE_BLOB_BYTES."""
+        decoded: dict[str, bytes] = {}
+        errors: dict[str, list[str]] = {}
+        for key, value in blobs.items():
+            if not _SHA256_RE.match(key):
+                errors[key] = ["Not a SHA-256 (64 lowercase hex digits)."]
+                continue
+            try:
+                decoded[key] = base64.b64decode(value, validate=True)
+            except ValueError:
+                errors[key] = ["Not base64."]
+        if errors:
+            raise serializers.ValidationError(errors)
+        if sum(len(data) for data in decoded.values()) > MAX_INLINE_BLOB_BYTES:
+            raise serializers.ValidationError([f"Blobs sent inline total at most {MAX_INLINE_BLOB_BYTES} bytes; "
+                                               f"upload larger ones first."])
+        return decoded
 
     def validate_files(self, files: list[dict]) -> list[dict]:
         _refuse_duplicates([f["path"] for f in files])

@@ -367,3 +367,53 @@ def test_a_bases_blobs_are_looked_at_again_only_after_a_blob_of_the_workspace_wa
     assert len(made_from_base(B2)) == 1  # read once, found whole ...
     assert Snapshot.objects.get(pk=base).blobs_held
     assert made_from_base(A) == []  # ... and known to be so
+
+
+# --- small new blobs sent with the snapshot: one request ----------------------------------------------
+
+
+def b64(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode()
+
+
+def test_small_new_blobs_may_come_with_the_snapshot_in_one_request(api: Api, workspace: Workspace, base: str):
+    new = b"brand new\n"
+    response = api.post(snapshots(workspace.slug), {"base": base, "changes": [entry("n.py", new)],
+                                                    "blobs": {sha(new): b64(new)}})
+    assert response.status_code == 201, response.content
+    assert manifest(api, workspace.slug, response.json()["id"])[-1] == entry("n.py", new)
+    assert Blob.objects.get(workspace=workspace, sha256=sha(new)).size == len(new)
+    assert AuditEvent.objects.filter(action="blob.upload", target_id=sha(new)).count() == 1
+    # a whole manifest too, and a blob the workspace has already is no trouble
+    whole = api.post(snapshots(workspace.slug), {"files": [entry("a.py", A), entry("n.py", new)],
+                                                 "blobs": {sha(new): b64(new), sha(A): b64(A)}})
+    assert whole.status_code == 201, whole.content
+
+
+def test_inline_bytes_that_do_not_match_their_hash_are_400_naming_it_and_nothing_is_kept(
+    api: Api, workspace: Workspace, base: str
+):
+    new, other = b"brand new\n", b"something else\n"
+    response = api.post(snapshots(workspace.slug), {
+        "base": base, "changes": [entry("n.py", new), entry("o.py", other)],
+        "blobs": {sha(new): b64(new), sha(other): b64(b"changed since it was hashed\n")}})
+    assert response.status_code == 400, response.content
+    assert list(response.json()["error"]["fields"]["blobs"]) == [sha(other)]
+    assert not Blob.objects.filter(sha256__in=[sha(new), sha(other)]).exists()
+    assert Snapshot.objects.count() == 1
+
+
+@pytest.mark.parametrize("blobs", [
+    {"not-a-hash": "eA=="},
+    {sha(b"x"): "not base64!"},
+    {sha(b"x"): 7},
+    ["eA=="],
+    {sha(b"x" * (1024 * 1024 + 1)): b64(b"x" * (1024 * 1024 + 1))},
+])
+def test_malformed_or_too_large_inline_blobs_are_400_naming_blobs(api: Api, workspace: Workspace, base: str, blobs):
+    response = api.post(snapshots(workspace.slug), {"base": base, "changes": [], "blobs": blobs})
+    assert response.status_code == 400, response.content
+    assert list(response.json()["error"]["fields"]) == ["blobs"]
+    assert Blob.objects.filter(workspace=workspace).count() == 5
