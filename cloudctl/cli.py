@@ -10,7 +10,6 @@ always did. Both run the same `cloudctl.sync.sync_command` and report failures t
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 _VALUED = {"-f": "file", "--file": "file", "--max-size": "max_size"}
 
@@ -36,12 +35,10 @@ def sync_options(args: list[str]) -> dict | None:
             return None
         seen.add(key)
         options[key] = value
-    if options["file"] is not None:
-        options["file"] = Path(options["file"])
     return options
 
 
-def run_sync(file: Path | None, max_size: str | None, json_out: bool) -> int:
+def run_sync(file: str | None, max_size: str | None, json_out: bool) -> int:
     """`cloudctl sync`; returns the exit status. Failures as cloudctl.main's `fail_cleanly` reports them.
 
     The cycle collector is kept out of it: nearly all a sync makes (an entry per file, the cache's

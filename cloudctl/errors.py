@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (7 ms): `cloudctl sync` starts its walk first
+if TYPE_CHECKING:
+    from typing import Any
 
 INTERRUPTED = "Interrupted; what was already requested goes on (`cloudctl status` shows it)."
 

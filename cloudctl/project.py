@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+import os
 
 from cloudctl.errors import CloudctlError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (7 ms): `cloudctl sync` starts its walk first
+if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Any
 
 PROJECT_FILE = "cloud.yaml"
 TOP_LEVEL_KEYS = ("cluster", "job")
@@ -49,13 +53,22 @@ class Project:
 
 
 def find_project_file(start: Path | None = None) -> Path | None:
-    """`cloud.yaml` in `start` (default: the current directory) or the nearest parent that has one."""
-    here = (start or Path.cwd()).resolve()
-    for directory in (here, *here.parents):
-        candidate = directory / PROJECT_FILE
-        if candidate.is_file():
-            return candidate
-    return None
+    """`cloud.yaml` in `start` (default: the current directory) or the nearest parent that has one.
+
+    On os.path, with pathlib imported only once there is a file: `cloudctl sync` looks for it in a
+    child process that should start walking the project at once (cloudctl.walk).
+    """
+    here = os.path.realpath(start if start is not None else os.getcwd())
+    while True:
+        candidate = os.path.join(here, PROJECT_FILE)
+        if os.path.isfile(candidate):
+            from pathlib import Path
+
+            return Path(candidate)
+        parent = os.path.dirname(here)
+        if parent == here:
+            return None
+        here = parent
 
 
 def read_yaml(path: Path, what: str = "file") -> Any:

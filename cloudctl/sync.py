@@ -723,7 +723,7 @@ def sync_project(client: Client, root: Path, *, excludes: Sequence[str] = (), ma
     """
     limit = resolve_max_bytes(max_bytes)
     cache = HashCache.load(os.path.realpath(root))  # while the walk runs, if it was started
-    entries = walk.result() if walk is not None else walk_project(root, excludes)
+    entries = walk.result(root, excludes) if walk is not None else walk_project(root, excludes)
     check_size(entries, limit)
     if len(entries) > MAX_FILES:
         raise CloudctlError(f"The project has {len(entries):,} files and a snapshot holds at most {MAX_FILES:,}; add "
@@ -797,7 +797,7 @@ def summary(result: SyncResult) -> str:
             f"({human_size(result.uploaded_bytes)}), {unchanged:,} unchanged. Snapshot {result.snapshot_id}")
 
 
-def sync_command(file: Path | None, max_size: str | None, json_out: bool, make_client: Any = None,
+def sync_command(file: str | Path | None, max_size: str | None, json_out: bool, make_client: Any = None,
                  started: tuple[Project | None, PendingWalk] | None = None) -> None:
     """`cloudctl sync`, whether typer parsed its options (cloudctl.main) or the fast path did (cloudctl.cli).
 
@@ -816,7 +816,8 @@ def sync_command(file: Path | None, max_size: str | None, json_out: bool, make_c
             client = Client.from_config(config.load())
         else:
             client = make_client()
-        result = sync_project(client, root, max_bytes=limit, progress=not json_out, walk=walk)
+        result = sync_project(client, root, excludes=project.job.excludes if project is not None else [],
+                              max_bytes=limit, progress=not json_out, walk=walk)
     finally:
         walk.close()
     if json_out:

@@ -215,44 +215,50 @@ def test_over_the_cap_lists_the_ten_largest_and_hints_at_cloudignore():
 
 WALK_IN_A_CHILD = """
 import json, sys
+import cloudctl.walk
 from cloudctl.errors import CloudctlError
-from cloudctl.walk import PendingWalk, walk_project
-walk = PendingWalk(sys.argv[1], sys.argv[2:])
+
+project, walk = cloudctl.walk.start_walk(None)
 forked = walk.pid is not None
+cloudctl.walk.walk_project = lambda *args: sys.exit("walked again in the parent")
 try:
-    entries = [[e.path, e.source, e.size, e.mtime_ns, e.mode] for e in walk.result()]
+    entries = [[e.path, e.source, e.size, e.mtime_ns, e.mode]
+               for e in walk.result(str(project.root), project.job.excludes)]
 except CloudctlError as exc:
     entries = {"error": exc.lines()}
 print(json.dumps({"forked": forked, "entries": entries}))
 """
 
 
-def walk_in_a_child(root: Path, *excludes: str) -> dict:
+def walk_in_a_child(root: Path) -> dict:
     # a process of its own: this one may run threads (a live server), and a walk is not forked from those
-    done = subprocess.run([sys.executable, "-c", WALK_IN_A_CHILD, str(root), *excludes], capture_output=True,
-                          text=True, check=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", WALK_IN_A_CHILD], cwd=root / "pkg1", capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
 
 def test_a_walk_forked_into_a_child_gives_what_the_walk_gives_and_its_errors(project: Path, tmp_path: Path):
     make_tree(project, 300)
+    write(project, "cloud.yaml", yaml.safe_dump({"cluster": {"name": "p"}, "job": {"excludes": ["notes/"]}}))
     write(project, ".gitignore", "*.log\nbuild/\n")
     write(project, "pkg1/x.log", "log")
     write(project, "build/out.o", "o")
     write(project, "run.sh", "#!/bin/sh\n", mode=0o755)
     write(project, "notes/ü.md", "ü")
     (project / "link.py").symlink_to("pkg1/mod1.py")
-    # when / then: the same entries, in the same order, as a walk in this process
+    # when: the child finds the project from a directory inside it, and walks it
+    child = walk_in_a_child(project)
+    # then: the same entries, in the same order, as a walk in this process
     here = [[e.path, e.source, e.size, e.mtime_ns, e.mode] for e in walk_project(project, ["notes/"])]
-    child = walk_in_a_child(project, "notes/")
     assert child["forked"] is True
-    assert child["entries"] == here and len(here) == 303  # 300 modules, .gitignore, run.sh, link.py
+    assert child["entries"] == here and len(here) == 304  # 300 modules, cloud.yaml, .gitignore, run.sh, link.py
     # and what the walk refuses is refused alike, with its message
     outside = tmp_path / "outside.txt"
     outside.write_text("secret")
     (project / "leak.txt").symlink_to(outside)
     with pytest.raises(CloudctlError) as refused:
-        walk_project(project)
+        walk_project(project, ["notes/"])
     assert walk_in_a_child(project)["entries"] == {"error": refused.value.lines()}
 
 
@@ -754,8 +760,8 @@ def test_an_unchanged_project_keeps_its_snapshot_id_through_the_cli_and_cold_cac
 @pytest.mark.parametrize(("args", "expected"), [
     ([], {"file": None, "max_size": None, "json_out": False}),
     (["--json"], {"file": None, "max_size": None, "json_out": True}),
-    (["-f", "a/cloud.yaml", "--max-size", "2G"], {"file": Path("a/cloud.yaml"), "max_size": "2G", "json_out": False}),
-    (["--file=c.yaml", "--max-size=500M", "--json"], {"file": Path("c.yaml"), "max_size": "500M", "json_out": True}),
+    (["-f", "a/cloud.yaml", "--max-size", "2G"], {"file": "a/cloud.yaml", "max_size": "2G", "json_out": False}),
+    (["--file=c.yaml", "--max-size=500M", "--json"], {"file": "c.yaml", "max_size": "500M", "json_out": True}),
     (["--help"], None),
     (["-h"], None),
     (["--json", "--json"], None),
