@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import marshal
 import os
 import re
 import sys
@@ -178,17 +179,20 @@ class HashCache:
     hashes that server confirmed it holds at the last successful sync, so that an incremental
     sync asks only about new ones (for the snapshot's server, those are the hashes in `files`).
 
-    It is a JSON file, written whole (atomically, 0600), and a journal beside it: a sync that
-    changed a few files appends one line with just those, instead of serialising all 10,000
-    entries again (a tenth of an incremental sync); the whole file is rewritten when the journal
-    has grown. Nothing is written when nothing changed. A cache that cannot be read is ignored,
-    and a journal line that cannot be read ends the journal: it only saves work.
+    It is a file written whole (atomically, 0600) and a journal beside it: a sync that changed a
+    few files appends one JSON line with just those, instead of serialising all 10,000 entries
+    again (a tenth of an incremental sync); the whole file is rewritten when the journal has
+    grown. Nothing is written when nothing changed. The whole file is in Python's `marshal`
+    format, which reads back three times faster than JSON: it is this user's own file in their
+    private cache folder, trusted as far as the bytecode Python keeps in `__pycache__`. A cache
+    that cannot be read is ignored, and a journal line that cannot be read ends the journal: it
+    only saves work.
     """
 
     def __init__(self, root: str) -> None:
         self.root = root
         name = f"sync-{hashlib.sha256(root.encode()).hexdigest()[:32]}"
-        self.path = cache_dir() / f"{name}.json"
+        self.path = cache_dir() / f"{name}.marshal"
         self.journal = cache_dir() / f"{name}.journal"
         self.files: dict[str, list] = {}
         self.remotes: dict[str, list[str]] = {}
@@ -202,14 +206,14 @@ class HashCache:
         cache = cls(root)
         try:
             with open(cache.path, "rb") as f:
-                data = json.loads(f.read())
+                data = marshal.loads(f.read())  # noqa: S302 - the user's own private cache (see above)
             if data.get("version") != CACHE_VERSION or data.get("root") != root:
                 return cache
             files, remotes = data["files"], data["remotes"]
             if isinstance(files, dict) and isinstance(remotes, dict):
                 cache.files, cache.remotes, cache.snapshot = files, remotes, _snapshot_record(data.get("snapshot"))
                 cache._journal_bytes = cache._replay()
-        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        except (OSError, EOFError, ValueError, TypeError, KeyError, AttributeError):
             pass
         return cache
 
@@ -231,20 +235,20 @@ class HashCache:
             files, remotes = change.get("files"), change.get("remotes", self.remotes)
             if not isinstance(files, dict) or not isinstance(remotes, dict):
                 break
-            for path, hit in files.items():
-                if hit is None:
-                    self.files.pop(path, None)
-                else:
-                    self.files[path] = hit
+            _apply(self.files, files)
             self.remotes, self.snapshot = remotes, _snapshot_record(change.get("snapshot"))
             good += len(line)
         return good if good == len(text) else None
 
     def lookup(self, entry: FileEntry) -> str | None:
         hit = self.files.get(entry.path)
-        if (isinstance(hit, list) and len(hit) == 4 and hit[0] == entry.size and hit[1] == entry.mtime_ns
-                and isinstance(hit[2], str) and len(hit[2]) == 64):
-            return hit[2]
+        try:
+            if hit[0] == entry.size and hit[1] == entry.mtime_ns and len(hit) == 4:  # type: ignore[index]
+                digest = hit[2]  # type: ignore[index]
+                if type(digest) is str and len(digest) == 64:
+                    return digest
+        except (TypeError, IndexError, KeyError):  # not there, or not an entry this version wrote
+            pass
         return None
 
     def _hashes(self) -> set[str]:
@@ -270,21 +274,41 @@ class HashCache:
 
     def delta(self, entries: Sequence[FileEntry]) -> tuple[list[dict], list[str]]:
         """How `entries` differ from the last snapshot's manifest: (new or changed entries, paths gone)."""
+        files = self.files
         changes = []
         for e in entries:
-            hit = self.files.get(e.path)
-            if (not isinstance(hit, list) or len(hit) != 4 or hit[2] != e.sha256 or hit[0] != e.size
-                    or hit[3] != e.mode):
+            hit = files.get(e.path)
+            try:
+                same = hit[2] == e.sha256 and hit[0] == e.size and hit[3] == e.mode  # type: ignore[index]
+            except (TypeError, IndexError, KeyError):  # not there, or not an entry this version wrote
+                same = False
+            if not same:
                 changes.append(e.manifest_entry())
+        return changes, self._gone(entries)
+
+    def _gone(self, entries: Sequence[FileEntry]) -> list[str]:
+        """The paths of `files` that are not among `entries` (none, when as many of them are there as it holds)."""
+        files = self.files
+        if sum(1 for e in entries if e.path in files) == len(files):
+            return []
         paths = {e.path for e in entries}
-        return changes, [path for path in self.files if path not in paths]
+        return [path for path in files if path not in paths]
 
     def save(self, entries: Sequence[FileEntry], remote: str | None = None, snapshot_id: str | None = None,
              state: int | None = None) -> None:
         """Keep the entries of this walk only (deleted files drop out), and `snapshot_id`, the snapshot just made of
         exactly them on `remote` (None: none was), with their manifest `state`. Best effort, never fails the sync;
         nothing is written if nothing changed, a line is appended to the journal if little did."""
-        files = {e.path: [e.size, e.mtime_ns, e.sha256, e.mode] for e in entries if e.sha256}
+        changed: dict[str, list | None] = {}
+        for e in entries:
+            hit = self.files.get(e.path)
+            try:
+                same = hit[2] == e.sha256 and hit[0] == e.size and hit[1] == e.mtime_ns and hit[3] == e.mode  # type: ignore[index]
+            except (TypeError, IndexError, KeyError):
+                same = False
+            if not same:
+                changed[e.path] = [e.size, e.mtime_ns, e.sha256, e.mode] if e.sha256 else None
+        changed.update((path, None) for path in self._gone(entries))
         remotes = dict(self.remotes)
         snapshot = {"remote": remote, "id": snapshot_id} if remote is not None and snapshot_id else None
         if snapshot is not None and state is not None:
@@ -297,16 +321,18 @@ class HashCache:
         if snapshot is not None:
             remotes.pop(remote, None)
         remotes = dict(list(remotes.items())[:CACHE_REMOTES - (snapshot is not None)])
-        changed: dict[str, list | None] = {path: hit for path, hit in files.items() if self.files.get(path) != hit}
-        changed.update((path, None) for path in self.files if path not in files)  # gone
+        changed = {path: hit for path, hit in changed.items() if hit is not None or path in self.files}
         if not changed and remotes == self.remotes and snapshot == self.snapshot:
             return
+        files = self.files
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             if (self._journal_bytes is not None and len(changed) <= JOURNAL_MAX_FILES
                     and self._journal_bytes < JOURNAL_MAX_BYTES):
                 self._append(changed, remotes, snapshot)
+                _apply(files, changed)
             else:
+                files = {e.path: [e.size, e.mtime_ns, e.sha256, e.mode] for e in entries if e.sha256}
                 self._rewrite(files, remotes, snapshot)
         except OSError:
             return
@@ -332,8 +358,8 @@ class HashCache:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)  # a leftover of a process that had this pid
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:  # dumps, not dump: one C call instead of many writes
-                f.write(json.dumps(data, separators=(",", ":")).encode())
+            with os.fdopen(fd, "wb") as f:
+                f.write(marshal.dumps(data))
             # The journal goes first: older than the new file, replayed over it, it would take it back in time.
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.journal)
@@ -343,6 +369,14 @@ class HashCache:
                 os.unlink(tmp)
             raise
         self._journal_bytes = 0
+
+
+def _apply(files: dict[str, list], changed: dict[str, list | None]) -> None:
+    for path, hit in changed.items():
+        if hit is None:
+            files.pop(path, None)
+        else:
+            files[path] = hit
 
 
 def _snapshot_record(value: object) -> dict[str, str] | None:
@@ -452,8 +486,9 @@ def hash_file(entry: FileEntry) -> None:
 def hash_entries(entries: Sequence[FileEntry], cache: HashCache, bars: _Bars | None = None) -> int:
     """Fill in every entry's sha256, from the cache where (path, size, mtime_ns) match. Returns how many were read."""
     to_hash = []
+    lookup = cache.lookup
     for entry in entries:
-        digest = cache.lookup(entry)
+        digest = lookup(entry)
         if digest is None:
             to_hash.append(entry)
         else:

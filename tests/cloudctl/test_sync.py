@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import marshal
 import os
 import stat
 import subprocess
@@ -298,20 +299,22 @@ def test_the_cache_is_private_per_root_and_atomic(project: Path, tmp_path: Path)
     hash_entries(entries, HashCache.load(str(project)))
     HashCache.load(str(project)).save(entries)
     files = list((tmp_path / "xdg-cache" / "cloudctl").iterdir())
-    assert len(files) == 1 and files[0].name.startswith("sync-") and files[0].suffix == ".json"
+    assert len(files) == 1 and files[0].name.startswith("sync-") and files[0].suffix == ".marshal"
     assert stat.S_IMODE(files[0].stat().st_mode) == 0o600
-    assert json.loads(files[0].read_text())["root"] == str(project)
+    assert marshal.loads(files[0].read_bytes())["root"] == str(project)
     other = tmp_path / "other"
     make_tree(other, 1)
     assert hash_entries(walk_project(other), HashCache.load(str(other))) == 1  # another root, another cache
 
 
-@pytest.mark.parametrize("content", ["{not json", "[]", '{"version": 1, "root": "x"}', "\x00\x01", ""])
-def test_a_corrupt_cache_is_ignored(project: Path, content: str):
+@pytest.mark.parametrize("content", [b"{not json", marshal.dumps([]), marshal.dumps({"version": 1, "root": "x"}),
+                                     marshal.dumps({"version": 2, "root": "x", "files": 3, "remotes": {}}),
+                                     marshal.dumps({"version": 2, "files": {}})[:-3], b"\x00\x01", b""])
+def test_a_corrupt_cache_is_ignored(project: Path, content: bytes):
     make_tree(project, 5)
     cache = HashCache.load(str(project))
     cache.path.parent.mkdir(parents=True, exist_ok=True)
-    cache.path.write_text(content)
+    cache.path.write_bytes(content)
     entries = walk_project(project)
     assert hash_entries(entries, HashCache.load(str(project))) == 5
     HashCache.load(str(project)).save(entries)
