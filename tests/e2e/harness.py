@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -36,6 +37,15 @@ FAST_SETTINGS = {
     "CUMULUS_HEARTBEAT_INTERVAL_S": "2",
     "CUMULUS_HEARTBEAT_FAST_INTERVAL_S": "0.5",
 }
+
+
+def with_default_sigint() -> None:
+    """A `preexec_fn` for a program a test presses Ctrl-C in: SIGINT as a terminal's foreground program has it.
+
+    A test run started as a background job (`... &` in a script) ignores SIGINT, and its children
+    inherit that; Python then installs no KeyboardInterrupt handler, and the Ctrl-C goes nowhere.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def free_port() -> int:

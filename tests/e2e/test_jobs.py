@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.e2e.harness import ROOT, ControlPlaneHarness, wait_for
+from tests.e2e.harness import ROOT, ControlPlaneHarness, wait_for, with_default_sigint
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -211,7 +211,8 @@ def test_ctrl_c_offers_to_stop_the_job(cli: Cli, control_plane: ControlPlaneHarn
     controller, terminal = pty.openpty()
     proc = subprocess.Popen(
         [str(CLOUDCTL), "run", "--", "python", "-c", "import time; print('looping', flush=True); time.sleep(600)"],
-        cwd=cli.cwd, env=cli.env, stdin=terminal, stdout=terminal, stderr=terminal, start_new_session=True)
+        cwd=cli.cwd, env=cli.env, stdin=terminal, stdout=terminal, stderr=terminal, start_new_session=True,
+        preexec_fn=with_default_sigint)
     os.close(terminal)
     seen = b""
 

@@ -15,7 +15,7 @@ import psutil
 import pytest
 import requests
 
-from tests.e2e.harness import ROOT, free_port
+from tests.e2e.harness import ROOT, free_port, with_default_sigint
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -52,7 +52,7 @@ def test_run_prints_a_working_token_and_stops_cleanly_on_ctrl_c(tmp_path: Path) 
     env.pop("CELERY_BROKER_URL", None)
     env.update({"PORT": str(port), "CUMULUS_DATA_DIR": str(tmp_path / "data"), "PYTHONUNBUFFERED": "1"})
     proc = subprocess.Popen([sys.executable, "manage.py", "run"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+                            stderr=subprocess.DEVNULL, text=True, preexec_fn=with_default_sigint)
     try:
         # given a fresh checkout's data directory, when `run` starts
         lines = read_until(proc, "API token: ", 90)
