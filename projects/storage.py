@@ -20,9 +20,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import itertools
 import logging
 import os
-import tempfile
 import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -95,18 +95,29 @@ class BlobStore(ABC):
         return set(keys)
 
 
+_temp_names = itertools.count()
+
+
 class _LocalWriter(BlobWriter):
     # Paths are plain strings here: pathlib cost about 0.1 ms per blob, which a bundle of a
-    # thousand small blobs (projects.services.blobs_upload_batch) felt.
+    # thousand small blobs (projects.services.blobs_upload_batch) felt. So did tempfile.mkstemp
+    # (its random names, about 50 microseconds a blob): the temporary name is the blob's own
+    # with this process, thread and a counter, created exclusively all the same.
     def __init__(self, final: str) -> None:
         super().__init__()
         self.final = final
-        folder = os.path.dirname(final)
-        try:
-            fd, self.temp = tempfile.mkstemp(dir=folder, prefix=".upload-", suffix=".tmp")
-        except FileNotFoundError:  # the first blob of its folder; creating first saves a mkdir per blob
-            os.makedirs(folder, exist_ok=True)
-            fd, self.temp = tempfile.mkstemp(dir=folder, prefix=".upload-", suffix=".tmp")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        for _ in range(100):
+            self.temp = f"{final}.{os.getpid()}-{threading.get_ident()}-{next(_temp_names)}.tmp"
+            try:
+                fd = os.open(self.temp, flags, 0o600)
+                break
+            except FileNotFoundError:  # the first blob of its folder; creating first saves a mkdir per blob
+                os.makedirs(os.path.dirname(final), exist_ok=True)
+            except FileExistsError:  # left by a process that had this pid, or another host sharing the folder
+                continue
+        else:
+            raise FileExistsError(f"No free temporary name beside {final}")
         self.file: BinaryIO | None = os.fdopen(fd, "wb")
 
     def _write(self, chunk: bytes) -> None:
