@@ -30,8 +30,8 @@ IN_BATCH = 500  # hashes per `IN (...)` query: SQLite caps the number of bound p
 BATCH_HEADER = 80
 BATCH_HEADER_RE = re.compile(rb"[0-9a-f]{64}[0-9a-f]{16}")
 MAX_BATCH_BLOBS = 2_000
-# A commit waits on the disk (fsync) or on S3; a bundle commits this many blobs at once while it
-# reads the next ones, holding at most COMMITS_IN_FLIGHT writers (open files, buffered parts).
+# Where a commit waits on the network (S3: BlobStore.slow_commit), a bundle commits this many blobs
+# at once while it reads the next ones, holding at most COMMITS_IN_FLIGHT writers (buffered parts).
 COMMIT_WORKERS = 4
 COMMITS_IN_FLIGHT = 32
 # A snapshot made from another is a layer of its changes over a whole snapshot while the layer holds at most
@@ -226,7 +226,10 @@ def blobs_upload_batch(*, workspace: Workspace, stream: BinaryIO | None, actor: 
                 writer.abort()
                 result.mismatched.append(sha256)
                 continue
-            in_flight.append(pool.submit(_commit, writer))
+            if store.slow_commit:
+                in_flight.append(pool.submit(_commit, writer))
+            else:
+                _commit(writer)
             stored[sha256] = size
             while len(in_flight) > COMMITS_IN_FLIGHT:
                 in_flight.popleft().result()

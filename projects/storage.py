@@ -75,6 +75,10 @@ class BlobStore(ABC):
     """Bytes by key. A key names one blob's bytes for good (content-addressed), so writing a key
     again writes the same bytes, and a reader never sees a partial blob."""
 
+    # Whether `commit()` waits on something slow (a network round trip): a bundle then commits its
+    # blobs in a pool while it reads on. The local store's commit is a rename, which a pool only slows.
+    slow_commit = True
+
     @abstractmethod
     def exists(self, key: str) -> bool: ...
 
@@ -139,6 +143,8 @@ class _LocalWriter(BlobWriter):
 
 
 class LocalBlobStore(BlobStore):
+    slow_commit = False
+
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self._root = os.path.abspath(root)
