@@ -98,11 +98,13 @@ def workspace_update(*, workspace: Workspace, name: str, actor: Actor) -> Worksp
 @transaction.atomic
 def workspace_delete(*, workspace: Workspace, actor: Actor) -> None:
     from clusters.models import Cluster
+    from projects.services import workspace_purge
 
     if Cluster.objects.for_workspace(workspace).exclude(status="TERMINATED").exists():
         raise Conflict("The workspace still has clusters; delete them first.")
     audit_record(actor=actor, action="workspace.delete", target_type="workspace", target_id=workspace.slug)
-    Cluster.objects.for_workspace(workspace).delete()
+    Cluster.objects.for_workspace(workspace).delete()  # and their jobs
+    workspace_purge(workspace)
     workspace.delete()
 
 

@@ -249,6 +249,27 @@ def blobs_upload_batch(*, workspace: Workspace, stream: BinaryIO | None, actor: 
     return result
 
 
+def workspace_purge(workspace: Workspace) -> None:
+    """Delete the workspace's snapshots and blobs, rows and bytes: the part of deleting a workspace that is ours.
+
+    Jobs, which name snapshots, go with the clusters first (controlplane.services.workspace_delete).
+    Layers go before their roots. The rows go in the caller's transaction and the bytes once it
+    commits: a crash in between leaves only unnamed bytes behind, never a row without its bytes.
+    """
+    store = blob_store()
+    keys = [blob_key(workspace.pk, sha256)
+            for sha256 in Blob.objects.for_workspace(workspace).values_list("sha256", flat=True).iterator()]
+    Snapshot.objects.for_workspace(workspace).filter(root__isnull=False).delete()
+    Snapshot.objects.for_workspace(workspace).delete()
+    Blob.objects.for_workspace(workspace).delete()
+
+    def delete_bytes() -> None:
+        for key in keys:
+            store.delete(key)
+
+    transaction.on_commit(delete_bytes)
+
+
 # -- snapshots --------------------------------------------------------------------------------------
 
 

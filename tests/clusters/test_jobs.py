@@ -328,3 +328,17 @@ def test_bad_reports_are_400(api: Api, cluster: Cluster, head: AgentApi):
                  {"exit_code": "1"}, {"unknown": True}, []):
         assert head.api.post(url, body).status_code == 400, body
     assert Job.objects.get(pk=job_id).status == J.PENDING
+
+
+def test_a_workspace_whose_terminated_cluster_ran_jobs_can_be_deleted(api: Api, cluster: Cluster):
+    from controlplane.services import workspace_delete
+    from projects.models import Blob, Snapshot
+
+    workspace, workspace_id = cluster.workspace, cluster.workspace_id
+    job_id = submit(api, cluster, make_snapshot(workspace)).json()["id"]
+    Cluster.objects.filter(pk=cluster.pk).update(status=C.TERMINATED)
+    workspace_delete(workspace=workspace, actor=Actor(user=None))
+    assert not Job.objects.filter(pk=job_id).exists()
+    assert not Snapshot.objects.filter(workspace_id=workspace_id).exists()
+    assert not Blob.objects.filter(workspace_id=workspace_id).exists()
+    assert not Workspace.objects.filter(pk=workspace_id).exists()

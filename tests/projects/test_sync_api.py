@@ -275,3 +275,32 @@ def test_a_blob_a_crash_damaged_is_missing_again_and_its_upload_repairs_it(api: 
     assert path.read_bytes() == data
     assert api.post(base, {"sha256": [sha(data)]}).json() == {"missing": []}
     assert Blob.objects.filter(workspace=workspace).count() == 1
+
+
+def test_a_workspace_with_blobs_and_snapshots_can_be_deleted_and_its_bytes_go_too(
+    api: Api, workspace: Workspace, django_capture_on_commit_callbacks
+):
+    from django.conf import settings
+
+    from projects.storage import blob_key, blob_store
+
+    a, b = b"a = 1\n", b"b = 1\n"
+    for data in (a, b):
+        assert api.client.put(f"/api/v1/workspaces/{workspace.slug}/blobs/{sha(data)}", data=data,
+                              content_type="application/octet-stream").status_code == 201
+    files = [{"path": "a.py", "sha256": sha(a), "size": len(a), "mode": 0o644}]
+    base = api.post(f"workspaces/{workspace.slug}/snapshots/", {"files": files}).json()["id"]
+    layer = api.post(f"workspaces/{workspace.slug}/snapshots/", {
+        "base": base, "changes": [{"path": "b.py", "sha256": sha(b), "size": len(b), "mode": 0o644}]})
+    assert layer.status_code == 201, layer.content
+    assert blob_store().exists(blob_key(workspace.pk, sha(a)))
+    # when
+    with django_capture_on_commit_callbacks(execute=True) as after_commit:
+        response = api.client.delete(f"/api/v1/workspaces/{workspace.slug}/")
+    # then
+    assert response.status_code == 204, response.content
+    assert not Blob.objects.exists() and not Snapshot.objects.exists() and not SnapshotFile.objects.exists()
+    assert len(after_commit) == 1  # the bytes go once the rows are gone for good
+    assert not blob_store().exists(blob_key(workspace.pk, sha(a)))
+    assert not blob_store().exists(blob_key(workspace.pk, sha(b)))
+    assert settings.CUMULUS_BLOB_STORE == "local"
