@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
 from urllib.parse import quote, urlsplit
 
 from cloudctl import transport
 from cloudctl.config import Config
 from cloudctl.errors import CloudctlError, api_error
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: `cloudctl sync` pays for every import
+if TYPE_CHECKING:
+    from typing import Any
 
 TIMEOUT_S = 30
 

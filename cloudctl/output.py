@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import TYPE_CHECKING, Any
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: `cloudctl sync` pays for every import
 if TYPE_CHECKING:
     from datetime import datetime
+    from typing import Any
 
     from rich.console import Console
     from rich.table import Table

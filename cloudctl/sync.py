@@ -28,7 +28,6 @@ is caught by the server, which verifies every blob's hash: it is hashed again an
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import marshal
@@ -38,7 +37,6 @@ import sys
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from cloudctl import output
 from cloudctl.client import BaseRefused, BlobsChanged, Client, MissingBlobs
@@ -48,8 +46,10 @@ from cloudctl.walk import FileEntry, PendingWalk, walk_project
 # Imported where they are used: an incremental sync of a project without ignore files needs
 # neither pathspec nor a thread pool (concurrent.futures brings logging), and a whole `cloudctl
 # sync` should take less time than those imports alone did.
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: `cloudctl sync` pays for every import
 if TYPE_CHECKING:
     from concurrent.futures import Future, ThreadPoolExecutor
+    from typing import Any
 
     from cloudctl.project import Project
 
@@ -353,6 +353,8 @@ class HashCache:
 
     def _rewrite(self, files: dict[str, list], remotes: dict[str, list[str]], snapshot: dict[str, str] | None) -> None:
         data = {"version": CACHE_VERSION, "root": self.root, "snapshot": snapshot, "remotes": remotes, "files": files}
+        import contextlib  # here: most syncs only append to the journal
+
         tmp = f"{self.path.parent}{os.sep}.sync-{os.getpid()}-{threading.get_ident()}.tmp"
         try:
             with contextlib.suppress(FileNotFoundError):
