@@ -80,11 +80,6 @@ CACHE_REMOTES = 4  # servers (URL and workspace) whose confirmed hashes the cach
 # few KB the server may hold. (The server takes up to 1 MiB so; base64 makes 256 KiB about 342 KB.)
 UNASKED_MAX_BYTES = 256 * 1024
 UNASKED_MAX_FILES = 64
-# A sync that hashes at least this many files (a first one, say) asks about and uploads them in batches
-# of EARLY_BATCH_FILES or EARLY_BATCH_BYTES while it hashes the rest, instead of after hashing them all.
-EARLY_MIN_FILES = 512
-EARLY_BATCH_FILES = 2_000
-EARLY_BATCH_BYTES = 64 * 1024**2
 JOURNAL_MAX_FILES = 1_000  # entries changed at most for a line of the cache's journal; more: the file is rewritten
 JOURNAL_MAX_BYTES = 256 * 1024  # a journal this long is folded into the file at the next save
 LARGEST_SHOWN = 10
@@ -443,11 +438,6 @@ class _Bars:
         if task is not None:
             self.progress.advance(task, amount)
 
-    def grow(self, task: Any, amount: int) -> None:
-        """Add `amount` to the task's total (work found as the sync goes)."""
-        if task is not None:
-            self.progress.update(task, total=self.progress.tasks[task].total + amount)
-
     def say(self, message: str) -> None:
         """A line for the user on stderr, above the bars when there are bars."""
         console = self.progress.console if self.progress is not None else output.err
@@ -495,12 +485,8 @@ def hash_file(entry: FileEntry) -> None:
                         f"to .cloudignore.")
 
 
-def hash_entries(entries: Sequence[FileEntry], cache: HashCache, bars: _Bars | None = None,
-                 early: _EarlyUploads | None = None) -> int:
-    """Fill in every entry's sha256, from the cache where (path, size, mtime_ns) match. Returns how many were read.
-
-    With `early`, each group of files hashed is handed to it as soon as it is done (see _EarlyUploads).
-    """
+def hash_entries(entries: Sequence[FileEntry], cache: HashCache, bars: _Bars | None = None) -> int:
+    """Fill in every entry's sha256, from the cache where (path, size, mtime_ns) match. Returns how many were read."""
     to_hash = []
     lookup = cache.lookup
     for entry in entries:
@@ -513,8 +499,6 @@ def hash_entries(entries: Sequence[FileEntry], cache: HashCache, bars: _Bars | N
         return 0
     bars = bars or _Bars(False)
     task = bars.task("Hashing", len(to_hash), "files")
-    if len(to_hash) < EARLY_MIN_FILES:
-        early = None
     if len(to_hash) == 1:
         hash_file(to_hash[0])
         bars.advance(task, 1)
@@ -533,92 +517,16 @@ def hash_entries(entries: Sequence[FileEntry], cache: HashCache, bars: _Bars | N
     if group:
         groups.append(group)
 
-    def hash_group(group: list[FileEntry]) -> list[FileEntry]:
+    def hash_group(group: list[FileEntry]) -> None:
         for entry in group:
             hash_file(entry)
         bars.advance(task, len(group))
-        return group
 
-    from concurrent.futures import ThreadPoolExecutor, as_completed
+    from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(HASH_WORKERS, thread_name_prefix="cloudctl-hash") as pool:
-        futures = [pool.submit(hash_group, g) for g in groups]
-        if early is None:
-            _wait_all(pool, futures)
-        else:
-            try:
-                for future in as_completed(futures):
-                    early.add(future.result())
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
-            early.flush()
+        _wait_all(pool, [pool.submit(hash_group, g) for g in groups])
     return len(to_hash)
-
-
-class _EarlyUploads:
-    """Blobs asked about (`blobs/missing`) and uploaded in batches while the rest of the project is still hashed.
-
-    A first sync would otherwise hash all its files and only then start sending them: on two
-    cores, the server storing blobs and the client hashing the next ones overlap instead. Each
-    batch runs on one background thread, in order; `finish()` waits for them all and returns
-    what was sent; `asked` are the hashes they covered, which the sync does not ask about again.
-    """
-
-    def __init__(self, client: Client, confirmed: set[str], bars: _Bars) -> None:
-        self.client, self.confirmed, self.bars = client, confirmed, bars
-        self.asked: set[str] = set()
-        self.pending: dict[str, FileEntry] = {}
-        self.pending_bytes = 0
-        self.task: Any = None
-        self.pool: ThreadPoolExecutor | None = None  # started with the first batch: most syncs have none
-        self.futures: list[Future] = []
-
-    def add(self, group: list[FileEntry]) -> None:
-        for entry in group:
-            h = entry.sha256
-            if h not in self.confirmed and h not in self.asked and h not in self.pending:
-                self.pending[h] = entry
-                self.pending_bytes += entry.size
-        if len(self.pending) >= EARLY_BATCH_FILES or self.pending_bytes >= EARLY_BATCH_BYTES:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        batch, self.pending, self.pending_bytes = self.pending, {}, 0
-        self.asked.update(batch)
-        if self.pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self.pool = ThreadPoolExecutor(1, thread_name_prefix="cloudctl-early")
-        self.futures.append(self.pool.submit(self._send, batch))
-
-    def _send(self, batch: dict[str, FileEntry]) -> _Uploaded:
-        missing = _ask_missing(self.client, list(batch))
-        to_send = {h: e for h, e in batch.items() if h in missing}
-        if self.task is None:
-            self.task = self.bars.task("Uploading", sum(e.size for e in to_send.values()), "bytes")
-        else:
-            self.bars.grow(self.task, sum(e.size for e in to_send.values()))
-        return upload_blobs(self.client, to_send, self.bars, self.task)
-
-    def finish(self) -> _Uploaded:
-        total = _Uploaded()
-        if self.pool is None:
-            return total
-        try:
-            for part in _wait_all(self.pool, self.futures):
-                total.blobs += part.blobs
-                total.bytes += part.bytes
-                total.changed += part.changed
-        finally:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-        return total
-
-    def cancel(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _wait_all(pool: ThreadPoolExecutor, futures: list[Future]) -> list[Any]:
@@ -740,16 +648,12 @@ def _bundles(items: list[tuple[str, FileEntry]]) -> list[list[tuple[str, FileEnt
     return bundles
 
 
-def upload_blobs(client: Client, to_hash: dict[str, FileEntry], bars: _Bars, task: Any = None) -> _Uploaded:
-    """Upload one file per hash in `to_hash`, several requests at a time; report the hashes refused as changed.
-
-    Progress goes to `task` if given (a bar already counting these bytes), else to a bar of its own.
-    """
+def upload_blobs(client: Client, to_hash: dict[str, FileEntry], bars: _Bars) -> _Uploaded:
+    """Upload one file per hash in `to_hash`, several requests at a time; report the hashes refused as changed."""
     total = _Uploaded()
     if not to_hash:
         return total
-    if task is None:
-        task = bars.task("Uploading", sum(e.size for e in to_hash.values()), "bytes")
+    task = bars.task("Uploading", sum(e.size for e in to_hash.values()), "bytes")
     items = sorted(to_hash.items(), key=lambda item: -item[1].size)
     singles = [item for item in items if item[1].size >= SINGLE_UPLOAD_MIN]
     bundles = _bundles([item for item in items if item[1].size < SINGLE_UPLOAD_MIN])
@@ -870,24 +774,10 @@ def sync_project(client: Client, root: Path, *, excludes: Sequence[str] = (), ma
     by_hash: dict[str, FileEntry] = {}
     with _Bars(progress and output.stderr_is_terminal()) as bars:
         try:
-            early = _EarlyUploads(client, confirmed, bars)
-            try:
-                hashed = hash_entries(entries, cache, bars, early)
-            except BaseException:
-                early.cancel()
-                raise
-            sent = early.finish()
-            uploaded.blobs, uploaded.bytes = sent.blobs, sent.bytes
+            hashed = hash_entries(entries, cache, bars)
             for entry in entries:
                 by_hash.setdefault(entry.sha256, entry)
-            ask = [h for h in by_hash if h not in confirmed and h not in early.asked]
-            if sent.changed:  # files that changed after they were hashed: hashed again, asked about below
-                rehashed = _rehash_changed(entries, set(sent.changed), bars)
-                hashed += len(rehashed)
-                ask = list(dict.fromkeys([*ask, *(e.sha256 for e in rehashed)]))
-                by_hash = {}
-                for entry in entries:
-                    by_hash.setdefault(entry.sha256, entry)
+            ask = [h for h in by_hash if h not in confirmed]
             for _ in range(MAX_ROUNDS):
                 to_hash = {h: by_hash[h] for h in ask if h in by_hash}
                 inline: dict[str, FileEntry] = {}

@@ -478,14 +478,12 @@ class Uploads:
         self.requests: list[tuple[str, str]] = []
         self.snapshot_bodies: list[int] = []
         self.lock = threading.Lock()
-        self.began = threading.Event()  # set by the first blob upload
 
     def __call__(self, sender: Any, environ: dict, **kwargs: Any) -> None:
         path, method = environ.get("PATH_INFO", ""), environ.get("REQUEST_METHOD", "")
         if "/blobs/" in path and (method == "PUT" or path.endswith("/blobs/batch")):
             with self.lock:
                 self.requests.append((method, path))
-            self.began.set()
         if path.endswith("/snapshots/") and method == "POST":
             with self.lock:
                 self.snapshot_bodies.append(int(environ.get("CONTENT_LENGTH") or 0))
@@ -878,55 +876,3 @@ def test_the_client_names_a_manifest_as_the_server_does_and_follows_a_change_fro
     changed = [rows[0], rows[1], ("a", "3" * 64, 5, 0o644)]
     moved = (sync.manifest_state(rows) - sync.manifest_state(rows[2:]) + sync.manifest_state(changed[2:]))
     assert sync.manifest_digest(moved % sync.STATE_MODULUS) == manifests.manifest_digest(changed)
-
-
-def test_a_first_sync_uploads_while_it_is_still_hashing(server: dict, project: Path, monkeypatch: pytest.MonkeyPatch):
-    from projects.models import Blob
-
-    client, uploads = server["client"], server["uploads"]
-    make_tree(project, 1200)
-    monkeypatch.setattr(sync, "EARLY_BATCH_FILES", 300)
-    monkeypatch.setattr(sync, "HASH_GROUP_FILES", 50)
-    real_hash_file = sync.hash_file
-    hashed = {"n": 0}
-    lock = threading.Lock()
-
-    def hash_file(entry: FileEntry) -> None:
-        with lock:
-            hashed["n"] += 1
-            n = hashed["n"]
-        if n == 1000:  # a sixth of the project still to hash: the first batches must be on their way by now
-            assert uploads.began.wait(30), "no blob was uploaded while the project was being hashed"
-        real_hash_file(entry)
-
-    monkeypatch.setattr(sync, "hash_file", hash_file)
-    result = sync.sync_project(client, project, progress=False)
-    assert (result.files, result.hashed_files, result.uploaded_blobs) == (1200, 1200, 1200)
-    assert Blob.objects.filter(workspace=server["workspace"]).count() == 1200
-    assert len(server_snapshot(client, result.snapshot_id)["files"]) == 1200
-
-
-def test_a_first_sync_in_batches_sends_only_what_the_server_lacks(server: dict, project: Path, tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch):
-    client, uploads = server["client"], server["uploads"]
-    other = tmp_path / "other"
-    make_tree(other, 600)  # the same files as the first 600 of the project, synced from elsewhere
-    sync.sync_project(client, other, progress=False)
-    make_tree(project, 1500)
-    write(project, "pkg0/changing.py", "before\n")
-    monkeypatch.setattr(sync, "EARLY_BATCH_FILES", 400)
-    real_post = sync._post_bundle
-    edited = []
-
-    def post_bundle(client: Client, items: list, bars: Any, task: Any) -> Any:
-        if not edited:  # a file changes after it was hashed, before its bytes go
-            write(project, "pkg0/changing.py", "after!\n")
-            edited.append(True)
-        return real_post(client, items, bars, task)
-
-    monkeypatch.setattr(sync, "_post_bundle", post_bundle)
-    uploads.clear()
-    result = sync.sync_project(client, project, progress=False)
-    assert (result.files, result.uploaded_blobs) == (1501, 901)  # 900 new, and the changed file's new bytes
-    manifest = {f["path"]: f["sha256"] for f in server_snapshot(client, result.snapshot_id)["files"]}
-    assert len(manifest) == 1501 and manifest["pkg0/changing.py"] == sha(b"after!\n")
