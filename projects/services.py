@@ -304,10 +304,13 @@ def _invalid(fields: dict, bad: int, missing: list[str]) -> ValidationFailed:
                                             f"missing).")
 
 
-def _check_digest(digest: str, expected: str | None) -> None:
+def _already_recorded(workspace: Workspace, digest: str, expected: str | None) -> Snapshot | None:
+    """The workspace's snapshot of the manifest named `digest` (see _same_snapshot), once `digest` is the one the
+    caller expected (a 400 naming `digest` otherwise)."""
     if expected is not None and digest != expected:
         raise ValidationFailed({"digest": [f"The manifest would be {digest}, not {expected}."]},
                                message="The manifest is not the one expected (`digest`); nothing was recorded.")
+    return _same_snapshot(workspace, digest)
 
 
 def _new_snapshot(workspace: Workspace, actor: Actor, state: int, total_size: int, file_count: int,
@@ -369,8 +372,7 @@ def _record_whole(workspace: Workspace, actor: Actor, files: list[dict], expecte
                   ) -> tuple[Snapshot, bool]:
     state = manifests.state_of((f["path"], f["sha256"], f["size"], f["mode"]) for f in files)
     digest = manifests.digest_of(state)
-    _check_digest(digest, expected)
-    same = _same_snapshot(workspace, digest)
+    same = _already_recorded(workspace, digest, expected)
     if same is not None:
         return same, False
     errors, missing = _blob_errors(workspace, files)
@@ -395,8 +397,7 @@ def _record_delta(workspace: Workspace, actor: Actor, base: uuid.UUID | str, cha
         raise ValidationFailed({"base": [f"No snapshot {base} in this workspace."]},
                                message="The base is not a snapshot of this workspace.")
     if not changes and not removed and source.digest:  # the base itself, if it still holds its blobs
-        _check_digest(source.digest, expected)
-        same = _same_snapshot(workspace, source.digest)
+        same = _already_recorded(workspace, source.digest, expected)
         if same is not None:
             return same, False
     changed = {f["path"] for f in changes}
@@ -419,8 +420,7 @@ def _record_delta(workspace: Workspace, actor: Actor, base: uuid.UUID | str, cha
     state += sum(manifests.entry_number(f["path"], f["sha256"], f["size"], f["mode"]) for f in changes)
     state %= manifests.MODULUS
     digest = manifests.digest_of(state)
-    _check_digest(digest, expected)
-    same = _same_snapshot(workspace, digest)
+    same = _already_recorded(workspace, digest, expected)
     if same is not None:
         return same, False
     errors, missing = _blob_errors(workspace, changes)

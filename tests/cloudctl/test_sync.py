@@ -520,6 +520,13 @@ def server(live_server: Any, transactional_db: None, settings: Any, tmp_path: Pa
         gc.collect()  # the clients `cloudctl` made in the CLI tests, and their connections
 
 
+def use_server(monkeypatch: pytest.MonkeyPatch, server: dict) -> None:
+    """Point `cloudctl` (its environment variables) at the test's control plane and workspace."""
+    monkeypatch.setenv("CLOUDCTL_URL", server["url"])
+    monkeypatch.setenv("CLOUDCTL_TOKEN", server["token"])
+    monkeypatch.setenv("CLOUDCTL_WORKSPACE", server["workspace"].slug)
+
+
 def server_snapshot(client: Client, snapshot_id: str) -> dict:
     return client.request("GET", f"workspaces/{client.workspace}/snapshots/{snapshot_id}/")
 
@@ -667,9 +674,7 @@ def test_cloudctl_sync_human_and_json(server: dict, project: Path, monkeypatch: 
     write(project, "data/big.csv", "1,2,3\n")
     (project / "src").mkdir()
     monkeypatch.chdir(project / "src")  # the project is found from below, like git
-    monkeypatch.setenv("CLOUDCTL_URL", server["url"])
-    monkeypatch.setenv("CLOUDCTL_TOKEN", server["token"])
-    monkeypatch.setenv("CLOUDCTL_WORKSPACE", server["workspace"].slug)
+    use_server(monkeypatch, server)
     human = runner.invoke(app, ["sync"])
     assert human.exit_code == 0, human.output
     line = human.stdout.strip()
@@ -745,9 +750,7 @@ def test_an_unchanged_project_keeps_its_snapshot_id_through_the_cli_and_cold_cac
     write(project, "train.py", "print('train')\n")
     write(project, "lib/util.py", "X = 1\n")
     monkeypatch.chdir(project)
-    monkeypatch.setenv("CLOUDCTL_URL", server["url"])
-    monkeypatch.setenv("CLOUDCTL_TOKEN", server["token"])
-    monkeypatch.setenv("CLOUDCTL_WORKSPACE", server["workspace"].slug)
+    use_server(monkeypatch, server)
     first = json.loads(runner.invoke(app, ["sync", "--json"]).stdout)
     again = json.loads(runner.invoke(app, ["sync", "--json"]).stdout)
     assert again["snapshot_id"] == first["snapshot_id"] and again["hashed_files"] == 0
@@ -794,9 +797,7 @@ def test_the_fast_path_syncs_like_the_typer_command(server: dict, project: Path,
     write(project, "train.py", "print('train')\n")
     write(project, "data/big.csv", "1,2,3\n")
     monkeypatch.chdir(project)
-    monkeypatch.setenv("CLOUDCTL_URL", server["url"])
-    monkeypatch.setenv("CLOUDCTL_TOKEN", server["token"])
-    monkeypatch.setenv("CLOUDCTL_WORKSPACE", server["workspace"].slug)
+    use_server(monkeypatch, server)
 
     def cloudctl(*args: str) -> tuple[int, str, str]:
         monkeypatch.setattr(sys, "argv", ["cloudctl", *args])
