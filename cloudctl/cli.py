@@ -83,11 +83,24 @@ def main() -> None:
         app()
         return
     code = run_sync(**options)
-    import gc
+    end(code)
 
-    gc.freeze()  # the process ends here: spare it a last collection over all it made (10 ms for 10,000 files)
-    sys.exit(code)
 
+def end(code: int) -> None:
+    """Leave the process with `code` once the output is flushed, without tearing down what the sync built.
+
+    Nothing is left to run or to close: every file the sync wrote is closed and its thread pools
+    are shut down. Freeing its objects one by one (an entry per file, the cache's map) would cost
+    an incremental sync of 10,000 files a few milliseconds more, for nothing.
+    """
+    import os
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:  # a reader that went away (`| head`): nothing more can reach it
+            pass
+    os._exit(code)
 
 if __name__ == "__main__":
     main()

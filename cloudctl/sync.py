@@ -146,11 +146,11 @@ def resolve_max_bytes(max_bytes: int | None) -> int:
     return parse_size(env, MAX_BYTES_ENV) if env else DEFAULT_MAX_BYTES
 
 
-def check_size(entries: Sequence[FileEntry], max_bytes: int) -> None:
-    """Refuse, before hashing or sending anything, a project over the cap; name its largest files."""
+def check_size(entries: Sequence[FileEntry], max_bytes: int) -> int:
+    """Refuse, before hashing or sending anything, a project over the cap; name its largest files. Returns the total."""
     total = sum(e.size for e in entries)
     if total <= max_bytes:
-        return
+        return total
     largest = sorted(entries, key=lambda e: (-e.size, e.path))[:LARGEST_SHOWN]
     width = max(len(human_size(e.size)) for e in largest)
     details = [f"The {len(largest)} largest files:"]
@@ -272,35 +272,63 @@ class HashCache:
         return manifest_state((path, hit[2], hit[0], hit[3]) for path, hit in self.files.items()
                               if isinstance(hit, list) and len(hit) == 4)
 
-    def delta(self, entries: Sequence[FileEntry]) -> tuple[list[dict], list[str]]:
-        """How `entries` differ from the last snapshot's manifest: (new or changed entries, paths gone)."""
+    def compare(self, entries: Sequence[FileEntry]) -> Compared:
+        """One pass over a walk: each entry whose (path, size, mtime_ns, mode) the cache holds gets its sha256, and is
+        as the last snapshot has it; the others are `differ` (see Compared). An incremental sync then works on those."""
         files = self.files
-        changes = []
+        differ = []
+        seen = 0
         for e in entries:
             hit = files.get(e.path)
+            if hit is None:
+                differ.append(e)
+                continue
+            seen += 1
             try:
-                same = hit[2] == e.sha256 and hit[0] == e.size and hit[3] == e.mode  # type: ignore[index]
-            except (TypeError, IndexError, KeyError):  # not there, or not an entry this version wrote
-                same = False
-            if not same:
-                changes.append(e.manifest_entry())
-        return changes, self._gone(entries)
+                if hit[0] == e.size and hit[1] == e.mtime_ns and hit[3] == e.mode and len(hit) == 4:
+                    digest = hit[2]
+                    if type(digest) is str and len(digest) == 64:
+                        e.sha256 = digest
+                        continue
+            except (TypeError, IndexError, KeyError):  # not an entry this version wrote
+                pass
+            differ.append(e)
+        return Compared(entries, differ, seen == len(files))
 
-    def _gone(self, entries: Sequence[FileEntry]) -> list[str]:
+    def _same(self, e: FileEntry) -> bool:
+        """Whether the last snapshot has `e` as it is now: same sha256, size and mode at its path."""
+        hit = self.files.get(e.path)
+        try:
+            return hit[2] == e.sha256 and hit[0] == e.size and hit[3] == e.mode  # type: ignore[index]
+        except (TypeError, IndexError, KeyError):  # not there, or not an entry this version wrote
+            return False
+
+    def delta(self, entries: Sequence[FileEntry], compared: Compared | None = None) -> tuple[list[dict], list[str]]:
+        """How `entries` differ from the last snapshot's manifest: (new or changed entries, paths gone).
+
+        With `compared` (this cache's compare of `entries`), only its `differ` entries are looked at."""
+        candidates = compared.differ if compared is not None else entries
+        changes = [e.manifest_entry() for e in candidates if not self._same(e)]
+        return changes, self._gone(entries, compared)
+
+    def _gone(self, entries: Sequence[FileEntry], compared: Compared | None = None) -> list[str]:
         """The paths of `files` that are not among `entries` (none, when as many of them are there as it holds)."""
         files = self.files
-        if sum(1 for e in entries if e.path in files) == len(files):
+        if compared is not None and compared.all_seen:
+            return []
+        if compared is None and sum(1 for e in entries if e.path in files) == len(files):
             return []
         paths = {e.path for e in entries}
         return [path for path in files if path not in paths]
 
     def save(self, entries: Sequence[FileEntry], remote: str | None = None, snapshot_id: str | None = None,
-             state: int | None = None) -> None:
+             state: int | None = None, compared: Compared | None = None) -> None:
         """Keep the entries of this walk only (deleted files drop out), and `snapshot_id`, the snapshot just made of
         exactly them on `remote` (None: none was), with their manifest `state`. Best effort, never fails the sync;
-        nothing is written if nothing changed, a line is appended to the journal if little did."""
+        nothing is written if nothing changed, a line is appended to the journal if little did. With `compared`
+        (this cache's compare of `entries`), only its `differ` entries are looked at: the others are as cached."""
         changed: dict[str, list | None] = {}
-        for e in entries:
+        for e in compared.differ if compared is not None else entries:
             hit = self.files.get(e.path)
             try:
                 same = hit[2] == e.sha256 and hit[0] == e.size and hit[1] == e.mtime_ns and hit[3] == e.mode  # type: ignore[index]
@@ -308,7 +336,7 @@ class HashCache:
                 same = False
             if not same:
                 changed[e.path] = [e.size, e.mtime_ns, e.sha256, e.mode] if e.sha256 else None
-        changed.update((path, None) for path in self._gone(entries))
+        changed.update((path, None) for path in self._gone(entries, compared))
         remotes = dict(self.remotes)
         snapshot = {"remote": remote, "id": snapshot_id} if remote is not None and snapshot_id else None
         if snapshot is not None and state is not None:
@@ -371,6 +399,24 @@ class HashCache:
                 os.unlink(tmp)
             raise
         self._journal_bytes = 0
+
+
+class Compared:
+    """A walk as HashCache.compare found it: `differ` are the entries whose path, size, mtime_ns or mode is not the
+    cache's (the others have their sha256 from it and are exactly as the last snapshot has them), `all_seen` whether
+    every path of the cache is in the walk (no file was deleted)."""
+
+    __slots__ = ("all_seen", "differ", "entries")
+
+    def __init__(self, entries: Sequence[FileEntry], differ: list[FileEntry], all_seen: bool) -> None:
+        self.entries = entries
+        self.differ = differ
+        self.all_seen = all_seen
+
+    def add(self, more: Iterable[FileEntry]) -> None:
+        """Count `more` among the entries that differ (files hashed again after the comparison)."""
+        known = {id(e) for e in self.differ}
+        self.differ.extend(e for e in more if id(e) not in known)
 
 
 def _apply(files: dict[str, list], changed: dict[str, list | None]) -> None:
@@ -718,9 +764,9 @@ def _inline(blobs: dict[str, FileEntry]) -> dict[str, str]:
 
 
 def _record(client: Client, entries: Sequence[FileEntry], cache: HashCache, base: str | None,
-            blobs: dict[str, str] | None = None) -> tuple[dict, int]:
+            blobs: dict[str, str] | None = None, compared: Compared | None = None) -> tuple[dict, int]:
     """The snapshot of `entries` and its manifest state: made from `base` where there is one (see HashCache), else
-    from the whole manifest; `blobs` (see _inline) are sent with it.
+    from the whole manifest; `blobs` (see _inline) are sent with it; `compared`, the cache's compare of `entries`.
 
     The digest sent with a delta is worked out from the cached state of `base` and the entries that
     differ from it, never from all 10,000; it makes the server refuse a delta whose result is not
@@ -728,7 +774,7 @@ def _record(client: Client, entries: Sequence[FileEntry], cache: HashCache, base
     the whole manifest.
     """
     if base is not None:
-        changes, removed = cache.delta(entries)
+        changes, removed = cache.delta(entries, compared)
         state = cache.state()
         for path in [*(f["path"] for f in changes), *removed]:
             hit = cache.files.get(path)
@@ -745,6 +791,14 @@ def _record(client: Client, entries: Sequence[FileEntry], cache: HashCache, base
     return client.snapshot_create([e.manifest_entry() for e in entries], blobs=blobs), state
 
 
+def _by_hash(entries: Iterable[FileEntry]) -> dict[str, FileEntry]:
+    """The first of `entries` with each hash: the file a blob is read from."""
+    by_hash: dict[str, FileEntry] = {}
+    for entry in entries:
+        by_hash.setdefault(entry.sha256, entry)
+    return by_hash
+
+
 # -- the whole sync ---------------------------------------------------------------------------------
 
 
@@ -757,26 +811,31 @@ def sync_project(client: Client, root: Path, *, excludes: Sequence[str] = (), ma
     `progress` shows bars on stderr when it is a terminal; `walk`, the walk of `root` with `excludes`
     already started (cloudctl.walk.start_walk). Errors are CloudctlError, and nothing is uploaded for
     a tree that is refused (a link out of the project, over the cap).
+
+    Past the walk, a sync that changed a few files of 10,000 works on those few: one pass compares
+    the walk with the cache (HashCache.compare), and the hashing, the blobs asked about, the
+    snapshot's changes and the cache's journal line are made from the entries that differ. The
+    files the cache vouches for are the last snapshot's, whose blobs the server confirmed.
     """
     limit = resolve_max_bytes(max_bytes)
     cache = HashCache.load(os.path.realpath(root))  # while the walk runs, if it was started
     entries = walk.result(root, excludes) if walk is not None else walk_project(root, excludes)
-    check_size(entries, limit)
+    total = check_size(entries, limit)
     if len(entries) > MAX_FILES:
         raise CloudctlError(f"The project has {len(entries):,} files and a snapshot holds at most {MAX_FILES:,}; add "
                             f"what the job does not need to .cloudignore. Nothing was uploaded.")
     remote = f"{client.url} {client.workspace}"
-    confirmed = cache.confirmed(remote)
     base = cache.last_snapshot(remote)
+    compared = cache.compare(entries)
     uploaded = _Uploaded()
     snapshot: dict | None = None
     state: int | None = None
-    by_hash: dict[str, FileEntry] = {}
     with _Bars(progress and output.stderr_is_terminal()) as bars:
         try:
-            hashed = hash_entries(entries, cache, bars)
-            for entry in entries:
-                by_hash.setdefault(entry.sha256, entry)
+            hashed = hash_entries(compared.differ, cache, bars)
+            # With a base, every other file is one of its files, whose blob the server confirmed.
+            by_hash = _by_hash(compared.differ if base is not None else entries)
+            confirmed = cache.confirmed(remote) if by_hash else set()
             ask = [h for h in by_hash if h not in confirmed]
             for _ in range(MAX_ROUNDS):
                 to_hash = {h: by_hash[h] for h in ask if h in by_hash}
@@ -792,9 +851,10 @@ def sync_project(client: Client, root: Path, *, excludes: Sequence[str] = (), ma
                 changed = done.changed
                 if not changed:
                     try:
-                        snapshot, state = _record(client, entries, cache, base, _inline(inline))
+                        snapshot, state = _record(client, entries, cache, base, _inline(inline), compared)
                     except MissingBlobs as exc:  # it lost blobs it once confirmed: send them again
                         confirmed.difference_update(exc.missing)
+                        by_hash = _by_hash(entries)  # the blob of any file, changed or not
                         ask = [h for h in dict.fromkeys([*exc.missing, *inline]) if h in by_hash]
                         continue  # (a refused request keeps none of the blobs it carried)
                     except BlobsChanged as exc:
@@ -804,17 +864,16 @@ def sync_project(client: Client, root: Path, *, excludes: Sequence[str] = (), ma
                         uploaded.bytes += sum(e.size for e in inline.values())
                         break
                 rehashed = _rehash_changed(entries, set(changed), bars)
+                compared.add(rehashed)
                 hashed += len(rehashed)
                 ask = list(dict.fromkeys([*(e.sha256 for e in rehashed), *(h for h in inline if h not in changed)]))
-                by_hash = {}
-                for entry in entries:
-                    by_hash.setdefault(entry.sha256, entry)
+                by_hash = _by_hash(entries)
         finally:
-            cache.save(entries, remote, str(snapshot["id"]) if snapshot else None, state)
+            cache.save(entries, remote, str(snapshot["id"]) if snapshot else None, state, compared)
     if snapshot is None:
         raise CloudctlError("Files kept changing while the project was being synced; stop what writes them, or "
                             "add them to .cloudignore, and sync again.")
-    return SyncResult(snapshot_id=str(snapshot["id"]), files=len(entries), bytes=sum(e.size for e in entries),
+    return SyncResult(snapshot_id=str(snapshot["id"]), files=len(entries), bytes=total,
                       hashed_files=hashed, uploaded_blobs=uploaded.blobs, uploaded_bytes=uploaded.bytes)
 
 

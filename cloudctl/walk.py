@@ -17,12 +17,12 @@ import marshal
 import os
 import stat
 import sys
-from collections.abc import Sequence
 
 from cloudctl.errors import CloudctlError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (7 ms): `cloudctl sync` starts its walk first
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from pathlib import Path
     from typing import Any
 
@@ -36,15 +36,26 @@ IGNORE_FILES = (".gitignore", ".cloudignore")  # in this order: .cloudignore has
 class FileEntry:
     """One file of the project: where it is in the snapshot and where its bytes are read from."""
 
-    __slots__ = ("mode", "mtime_ns", "path", "sha256", "size", "source")
+    __slots__ = ("_source", "base", "mode", "mtime_ns", "path", "sha256", "size")
 
-    def __init__(self, path: str, source: str, size: int, mtime_ns: int, mode: int, sha256: str = "") -> None:
+    def __init__(self, path: str, source: str | None, size: int, mtime_ns: int, mode: int, sha256: str = "",
+                 base: str = "") -> None:
         self.path = path  # relative to the project root, '/'-separated
-        self.source = source  # absolute path to read (a symlink's target)
+        self._source = source  # None: the file is `base + path` (see `source`)
         self.size = size
         self.mtime_ns = mtime_ns
         self.mode = mode  # permission bits, st_mode & 0o777
         self.sha256 = sha256
+        self.base = base  # the project root with a trailing separator
+
+    @property
+    def source(self) -> str:
+        """The absolute path to read: the file itself, or the target of the symbolic link it is.
+
+        Worked out when needed, not kept per file: a walk's child process sends 10,000 entries
+        through a pipe, and a second copy of each path in them doubled what it sent.
+        """
+        return self._source if self._source is not None else self.base + self.path
 
     def __repr__(self) -> str:
         return f"FileEntry({self.path!r}, size={self.size}, sha256={self.sha256[:12]!r})"
@@ -81,8 +92,10 @@ class _Walker:
 
     def __init__(self, root: str, excludes: Sequence[str]) -> None:
         self.root = root
+        self.base = _base(root)
         self.excludes = _spec(list(excludes), "`job.excludes` in cloud.yaml") if excludes else None
-        self.entries: list[tuple[str, str, int, int, int]] = []  # (path, source, size, mtime_ns, mode)
+        # (path, source, size, mtime_ns, mode); source is None for a file that is root + path (see FileEntry)
+        self.entries: list[tuple[str, str | None, int, int, int]] = []
 
     def ignored(self, rel: str, is_dir: bool, specs: list[tuple[str, pathspec.GitIgnoreSpec]]) -> bool:
         """Git's rule: the deepest ignore file with a matching pattern decides, and in it the last match.
@@ -100,7 +113,7 @@ class _Walker:
                 return verdict
         return False
 
-    def walk(self) -> list[tuple[str, str, int, int, int]]:
+    def walk(self) -> list[tuple[str, str | None, int, int, int]]:
         specs: list[tuple[str, pathspec.GitIgnoreSpec]] = []
         info_exclude = _read_spec(os.path.join(self.root, ".git", "info", "exclude"), ".git/info/exclude")
         if info_exclude is not None:
@@ -131,6 +144,7 @@ class _Walker:
         except OSError as exc:
             raise CloudctlError(f"Cannot read the directory {prefix or './'}: {exc.strerror}.") from None
         base = directory if directory.endswith(os.sep) else directory + os.sep
+        direct = base == self.base + prefix  # not below a linked directory: each file is root + its path
         names = {child.name for child in children}
         specs = list(specs)
         for name in IGNORE_FILES:
@@ -150,7 +164,7 @@ class _Walker:
                     if not filtered or not self.ignored(path, True, specs):
                         self._dir(base + name, path, specs, ancestors | {base + name})
                 elif child.is_file(follow_symlinks=False) and (not filtered or not self.ignored(path, False, specs)):
-                    self._add(path, base + name, child.stat(follow_symlinks=False))
+                    self._add(path, None if direct else base + name, child.stat(follow_symlinks=False))
                 # sockets, FIFOs and devices have no content to send
             except FileNotFoundError:
                 continue  # deleted while we walked: it is simply not in this snapshot
@@ -179,7 +193,7 @@ class _Walker:
         elif stat.S_ISREG(st.st_mode):
             self._add(path, target, st)
 
-    def _add(self, path: str, source: str, st: os.stat_result) -> None:
+    def _add(self, path: str, source: str | None, st: os.stat_result) -> None:
         if not path.isascii():
             try:
                 path.encode("utf-8")
@@ -195,10 +209,19 @@ class _Walker:
 
 def walk_project(root: str | Path, excludes: Sequence[str] = ()) -> list[FileEntry]:
     """The files a snapshot of `root` holds, sorted by path. Raises CloudctlError for a link it may not follow."""
-    return [FileEntry(*entry) for entry in _walk(root, excludes)]
+    return _entries(os.path.realpath(root), _walk(root, excludes))
 
 
-def _walk(root: str | Path, excludes: Sequence[str]) -> list[tuple[str, str, int, int, int]]:
+def _base(root: str) -> str:
+    return root if root.endswith(os.sep) else root + os.sep
+
+
+def _entries(real_root: str, walked: list[tuple[str, str | None, int, int, int]]) -> list[FileEntry]:
+    base = _base(real_root)
+    return [FileEntry(*entry, "", base) for entry in walked]
+
+
+def _walk(root: str | Path, excludes: Sequence[str]) -> list[tuple[str, str | None, int, int, int]]:
     real = os.path.realpath(root)
     if not os.path.isdir(real):
         raise CloudctlError(f"{root} is not a directory.")
@@ -268,7 +291,7 @@ class PendingWalk:
         if answer[2] == "error":
             message, details, code = answer[3]
             raise CloudctlError(message, details, code=code)
-        return [FileEntry(*entry) for entry in answer[3]]
+        return _entries(answer[0], answer[3])
 
     def _answer(self) -> tuple | None:
         if self.fd is None:

@@ -122,6 +122,9 @@ def test_a_symlink_to_a_file_inside_is_followed(project: Path):
     assert set(entries) == {"config.yaml", "linked/config.yaml", "real/config.yaml"}
     assert entries["config.yaml"].size == 5 and entries["config.yaml"].mode == 0o600
     assert entries["config.yaml"].source == str((project / "real/config.yaml").resolve())
+    # each is read where it is: through no link, whether the walk ran here or in its child process
+    real = str((project / "real/config.yaml").resolve())
+    assert entries["linked/config.yaml"].source == entries["real/config.yaml"].source == real
 
 
 @pytest.mark.parametrize("kind", ["file", "dir", "broken", "loop"])
@@ -248,12 +251,16 @@ def test_a_walk_forked_into_a_child_gives_what_the_walk_gives_and_its_errors(pro
     write(project, "run.sh", "#!/bin/sh\n", mode=0o755)
     write(project, "notes/ü.md", "ü")
     (project / "link.py").symlink_to("pkg1/mod1.py")
+    write(project, "real/x.txt", "x")
+    (project / "linked").symlink_to("real", target_is_directory=True)
     # when: the child finds the project from a directory inside it, and walks it
     child = walk_in_a_child(project)
     # then: the same entries, in the same order, as a walk in this process
     here = [[e.path, e.source, e.size, e.mtime_ns, e.mode] for e in walk_project(project, ["notes/"])]
     assert child["forked"] is True
-    assert child["entries"] == here and len(here) == 304  # 300 modules, cloud.yaml, .gitignore, run.sh, link.py
+    # 300 modules, cloud.yaml, .gitignore, run.sh, link.py, real/x.txt and linked/x.txt (read from real/x.txt)
+    assert child["entries"] == here and len(here) == 306
+    assert {e[0]: e[1] for e in here}["linked/x.txt"] == str((project / "real/x.txt").resolve())
     # and what the walk refuses is refused alike, with its message
     outside = tmp_path / "outside.txt"
     outside.write_text("secret")
@@ -788,11 +795,9 @@ def test_the_fast_path_reads_only_what_it_plainly_understands(args: list[str], e
 
 def test_the_fast_path_syncs_like_the_typer_command(server: dict, project: Path, monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture):
-    import gc
-
     from cloudctl import cli
 
-    monkeypatch.setattr(gc, "freeze", lambda: None)  # what the executable does as it exits; not in pytest's process
+    monkeypatch.setattr(cli, "end", sys.exit)  # the executable leaves with os._exit, which would end pytest too
     write(project, "cloud.yaml", yaml.safe_dump({"cluster": {"name": "p"}, "job": {"excludes": ["data/"]}}))
     write(project, "train.py", "print('train')\n")
     write(project, "data/big.csv", "1,2,3\n")
@@ -849,6 +854,7 @@ def test_an_incremental_sync_imports_no_cli_framework(server: dict, project: Pat
     script = ("import sys\n"
               "sys.argv = ['cloudctl', 'sync', '--json']\n"
               "from cloudctl import cli\n"
+              "cli.end = sys.exit  # to report what was imported once it is done\n"
               "try:\n    cli.main()\nexcept SystemExit as e:\n    code = e.code\n"
               "heavy = ['typer', 'click', 'rich', 'requests', 'urllib3', 'pathspec', 'yaml', 'dataclasses',\n"
               "         'concurrent.futures', 'tempfile']\n"
