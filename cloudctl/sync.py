@@ -380,7 +380,8 @@ class HashCache:
             os.close(fd)
         self._journal_bytes = (self._journal_bytes or 0) + len(line)
 
-    def _rewrite(self, files: dict[str, list | tuple], remotes: dict[str, list[str]], snapshot: dict[str, str] | None) -> None:
+    def _rewrite(self, files: dict[str, list | tuple], remotes: dict[str, list[str]],
+                 snapshot: dict[str, str] | None) -> None:
         data = {"version": CACHE_VERSION, "root": self.root, "snapshot": snapshot, "remotes": remotes, "files": files}
         import contextlib  # here: most syncs only append to the journal
 
