@@ -23,8 +23,13 @@ class BearerTokenAuthentication(authentication.BaseAuthentication):
         raw = raw.strip()
         if not raw.startswith(TOKEN_PREFIX):
             return None  # another kind of bearer token (node tokens have their own authenticator)
-        token = ApiToken.objects.select_related("user").filter(token_hash=hash_token(raw)).first()
-        if token is None or not token.matches(raw):
+        # get(), not first(): token_hash is unique, and the ORDER BY that first() adds cost about a tenth of
+        # a millisecond to build, on every request.
+        try:
+            token = ApiToken.objects.select_related("user").get(token_hash=hash_token(raw))
+        except ApiToken.DoesNotExist:
+            raise exceptions.AuthenticationFailed("Invalid token.") from None
+        if not token.matches(raw):
             raise exceptions.AuthenticationFailed("Invalid token.")
         if token.revoked_at is not None:
             raise exceptions.AuthenticationFailed("This token has been revoked.")

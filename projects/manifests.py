@@ -132,8 +132,11 @@ def own_rows(snapshot: Snapshot) -> dict[str, Entry]:
     """The rows of a layer (tombstones included); {} for a whole snapshot, whose rows are all its manifest."""
     if snapshot.root_id is None:
         return {}
-    return {path: (sha256, size, mode) for path, sha256, size, mode in
-            SnapshotFile.objects.filter(snapshot=snapshot).values_list("path", "sha256", "size", "mode")}
+    select = (f"SELECT {_column('path')}, {_column('sha256')}, {_column('size')}, {_column('mode')} "  # noqa: S608 - names only
+              f"FROM {_quote(SnapshotFile._meta.db_table)} WHERE {_column('snapshot')} = %s")
+    with connection.cursor() as cursor:
+        cursor.execute(select, [_ref(snapshot.pk)])
+        return {path: (sha256, size, mode) for path, sha256, size, mode in cursor.fetchall()}
 
 
 def insert_rows(snapshot: Snapshot, rows: Iterable[tuple[str, str, int, int]]) -> None:

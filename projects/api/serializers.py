@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import re
+import uuid
+from typing import Any
 
 from django.core.validators import RegexValidator
 from rest_framework import serializers
@@ -28,7 +30,14 @@ class BlobsMissingIn(StrictSerializer):
                                    help_text=f"Hashes to check, at most {MAX_MISSING_QUERY}.")
 
     def to_internal_value(self, data):
+        """A list of well-formed hashes is taken as it is; any other input goes through the fields for their errors.
+
+        The list's field runs each hash through its field and validators, about 8 microseconds a hash: most of
+        the time of a `blobs/missing` of 5,000 hashes. A string that fullmatches SHA256_REGEX passes them all.
+        """
         _refuse_long_list(data, "sha256", MAX_MISSING_QUERY)
+        if isinstance(data, dict) and data.keys() == {"sha256"} and _plain_hashes(data["sha256"]):
+            return {"sha256": data["sha256"]}
         return super().to_internal_value(data)
 
 
@@ -84,11 +93,20 @@ _SHA256_RE = re.compile(rf"{SHA256_REGEX}\Z")
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 
+def _plain_hashes(hashes: object) -> bool:
+    """Whether `hashes` is a list of which every item passes exactly the checks of sha256_field."""
+    match = _SHA256_RE.match
+    return type(hashes) is list and all(type(h) is str and match(h) for h in hashes)
+
+
 def _plain_path(path: object) -> bool:
     """Whether `path` passes exactly the checks of a manifest path (check_path, its length, no surrogates)."""
-    return (type(path) is str and 0 < len(path) <= MAX_PATH and not path.startswith("/") and "\x00" not in path
-            and "\\" not in path and (path.isascii() or not _SURROGATE_RE.search(path))
-            and not any(s in ("", ".", "..") for s in path.split("/")))
+    if type(path) is not str or not 0 < len(path) <= MAX_PATH or path[0] == "/" or "\x00" in path or "\\" in path:
+        return False
+    if not path.isascii() and _SURROGATE_RE.search(path):
+        return False
+    segments = path.split("/")
+    return "" not in segments and "." not in segments and ".." not in segments
 
 
 def _plain_entries(files: object) -> bool:
@@ -101,7 +119,7 @@ def _plain_entries(files: object) -> bool:
             return False
         path, sha256, size, mode = f["path"], f["sha256"], f["size"], f["mode"]
         if (type(sha256) is not str or type(size) is not int or type(mode) is not int or not _SHA256_RE.match(sha256)
-                or size < 0 or not 0 <= mode <= 0o7777 or path in seen or not _plain_path(path)):
+                or size < 0 or not 0 <= mode <= 0o7777 or not _plain_path(path) or path in seen):
             return False
         seen.add(path)
     return True
@@ -129,6 +147,57 @@ def _plain_request(data: object) -> dict | None:
             or len(set(removed)) != len(removed)):
         return None
     return {"changes": changes, "removed": removed, **digest}
+
+
+def _decode_blobs(blobs: dict[str, str]) -> dict[str, bytes]:
+    """{sha256: bytes}: keys are SHA-256 hex, values strict base64, all of them at most MAX_INLINE_BLOB_BYTES."""
+    decoded: dict[str, bytes] = {}
+    errors: dict[str, list[str]] = {}
+    for key, value in blobs.items():
+        if not _SHA256_RE.match(key):
+            errors[key] = ["Not a SHA-256 (64 lowercase hex digits)."]
+            continue
+        try:
+            decoded[key] = base64.b64decode(value, validate=True)
+        except ValueError:
+            errors[key] = ["Not base64."]
+    if errors:
+        raise serializers.ValidationError(errors)
+    if sum(len(data) for data in decoded.values()) > MAX_INLINE_BLOB_BYTES:
+        raise serializers.ValidationError([f"Blobs sent inline total at most {MAX_INLINE_BLOB_BYTES} bytes; "
+                                           f"upload larger ones first."])
+    return decoded
+
+
+def _plain_snapshot(data: object) -> dict | None:
+    """The validated snapshot request, if every part of it passes exactly the checks of its field; else None.
+
+    The lists as _plain_request takes them; `base` a string that is a UUID (as UUIDField reads
+    it); `blobs` string values that _decode_blobs accepts (base64 is ASCII without NUL, so the
+    string field's own checks pass too).
+    """
+    if not isinstance(data, dict) or any(isinstance(data.get(key), list) and len(data[key]) > MAX_SNAPSHOT_FILES
+                                         for key in ("files", "changes", "removed")):
+        return None
+    plain = _plain_request({k: v for k, v in data.items() if k != "blobs"} if "blobs" in data else data)
+    if plain is None:
+        return None
+    if "base" in data:
+        if type(data["base"]) is not str:
+            return None
+        try:
+            plain["base"] = uuid.UUID(hex=data["base"])
+        except ValueError:
+            return None
+    if "blobs" in data:
+        blobs = data["blobs"]
+        if type(blobs) is not dict or not all(type(value) is str for value in blobs.values()):
+            return None
+        try:
+            plain["blobs"] = _decode_blobs(blobs)
+        except serializers.ValidationError:
+            return None
+    return plain
 
 
 def _refuse_duplicates(paths: list[str], field: str | None = "path") -> None:
@@ -187,24 +256,19 @@ class SnapshotCreate(StrictSerializer):
                     raise serializers.ValidationError({key: error.detail}) from None
         return plain
 
+    @classmethod
+    def validated(cls, data: Any, **context: Any) -> dict:
+        """A request as cloudctl sends it, every value well-formed, is validated in plain Python (_plain_snapshot);
+        any other goes through the serializer, which builds the errors.
+
+        Making the serializer and its fields cost about a tenth of a millisecond even for a
+        snapshot of one changed file, which is on the critical path of an incremental sync.
+        """
+        plain = _plain_snapshot(data)
+        return plain if plain is not None else super().validated(data, **context)
+
     def validate_blobs(self, blobs: dict[str, str]) -> dict[str, bytes]:
-        """{sha256: bytes}: keys are SHA-256 hex, values strict base64, all of them at most MAX_INLINE_BLOB_BYTES."""
-        decoded: dict[str, bytes] = {}
-        errors: dict[str, list[str]] = {}
-        for key, value in blobs.items():
-            if not _SHA256_RE.match(key):
-                errors[key] = ["Not a SHA-256 (64 lowercase hex digits)."]
-                continue
-            try:
-                decoded[key] = base64.b64decode(value, validate=True)
-            except ValueError:
-                errors[key] = ["Not base64."]
-        if errors:
-            raise serializers.ValidationError(errors)
-        if sum(len(data) for data in decoded.values()) > MAX_INLINE_BLOB_BYTES:
-            raise serializers.ValidationError([f"Blobs sent inline total at most {MAX_INLINE_BLOB_BYTES} bytes; "
-                                               f"upload larger ones first."])
-        return decoded
+        return _decode_blobs(blobs)
 
     def validate_files(self, files: list[dict]) -> list[dict]:
         _refuse_duplicates([f["path"] for f in files])
