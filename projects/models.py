@@ -13,11 +13,14 @@ MAX_SNAPSHOT_FILES = 100_000  # the most files a snapshot holds
 
 
 class Blob(WorkspaceOwned):
-    """A file's bytes, named by their SHA-256; the bytes live in the blob store (projects.storage)."""
+    """A file's bytes, named by their SHA-256; the bytes live in the blob store (projects.storage): at the blob's
+    own key, or at `offset` in the pack `pack` (projects.storage.pack_key) with the blobs that came with it."""
 
     sha256 = models.CharField(max_length=64)
     size = models.BigIntegerField()
     created_at = models.DateTimeField(auto_now_add=True)
+    pack = models.CharField(max_length=32, blank=True, default="", editable=False)
+    offset = models.BigIntegerField(null=True, blank=True, editable=False)
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["workspace", "sha256"], name="blob_unique_per_workspace")]

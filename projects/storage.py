@@ -10,6 +10,11 @@ blob whose row outlived its file, or whose file was cut short; both are caught w
 matters. `BlobStore.present()` is consulted by `blobs/missing`, so a client uploads such a
 blob again, and every reader of a blob (the head's agent) verifies its hash.
 
+Small blobs that arrive together (a bundle, `blobs/batch`) are kept together: one object, a pack,
+at `<workspace id>/packs/<pack id>`, each blob at an offset in it that its row records. A file
+system pays for every file it creates (on some disks more than for the bytes in it), and S3 for
+every request; a project of 10,000 small files is a few packs. Bigger blobs keep an object each.
+
 `S3BlobStore` (CUMULUS_BLOB_STORE=s3) keeps them in a bucket, under CUMULUS_BLOB_S3_PREFIX, for
 installs whose web processes do not share a disk. Its writer streams into a multipart upload
 to the final key that only `commit()` completes, so there too a blob appears whole or not at all.
@@ -25,6 +30,7 @@ import logging
 import os
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -40,19 +46,47 @@ def blob_key(workspace_id: int, sha256: str) -> str:
     return f"{workspace_id}/{sha256[:2]}/{sha256}"
 
 
-class BlobWriter(ABC):
-    """A blob being written: `write` chunks, then `commit` or `abort`."""
+def pack_key(workspace_id: int, pack: str) -> str:
+    return f"{workspace_id}/packs/{pack}"
 
-    def __init__(self) -> None:
-        self._hash = hashlib.sha256()
+
+def workspace_prefix(workspace_id: int) -> str:
+    """The folder every key of the workspace is under."""
+    return str(workspace_id)
+
+
+def blob_location(workspace_id: int, sha256: str, size: int, pack: str, offset: int | None) -> tuple[str, int]:
+    """Where a blob's bytes are, from its row: the key of their object, and the size that object has at least."""
+    if pack:
+        return pack_key(workspace_id, pack), (offset or 0) + size
+    return blob_key(workspace_id, sha256), size
+
+
+def open_blob(workspace_id: int, sha256: str, size: int, pack: str, offset: int | None) -> BinaryIO:
+    """A stream of a blob's bytes, from its row (projects.models.Blob); FileNotFoundError if the store lost them."""
+    store = blob_store()
+    if pack:
+        return store.open_range(pack_key(workspace_id, pack), offset or 0, size)
+    return store.open_read(blob_key(workspace_id, sha256))
+
+
+class BlobWriter(ABC):
+    """A blob being written: `write` chunks, then `commit` or `abort`. Hashed as it goes, unless it is a pack
+    (`hashed=False`), whose blobs the caller hashes one by one."""
+
+    def __init__(self, hashed: bool = True) -> None:
+        self._hash = hashlib.sha256() if hashed else None
         self.size = 0
 
     def write(self, chunk: bytes) -> None:
-        self._hash.update(chunk)
+        if self._hash is not None:
+            self._hash.update(chunk)
         self.size += len(chunk)
         self._write(chunk)
 
     def hexdigest(self) -> str:
+        if self._hash is None:
+            raise ValueError("A pack is not hashed whole.")
         return self._hash.hexdigest()
 
     @abstractmethod
@@ -83,20 +117,38 @@ class BlobStore(ABC):
     def exists(self, key: str) -> bool: ...
 
     @abstractmethod
-    def open_write(self, key: str) -> BlobWriter: ...
+    def open_write(self, key: str, hashed: bool = True) -> BlobWriter: ...
 
     @abstractmethod
     def open_read(self, key: str) -> BinaryIO:
         """A stream of the blob's bytes (read in pieces, never loaded whole); FileNotFoundError if absent."""
 
     @abstractmethod
+    def open_range(self, key: str, offset: int, size: int) -> BinaryIO:
+        """A stream of `size` bytes of the object at `key` from `offset` (a blob in a pack); FileNotFoundError
+        if absent, and a stream that ends early (an error on reading) if the object is shorter."""
+
+    @abstractmethod
     def delete(self, key: str) -> None:
         """Remove the blob; removing one that is not there is not an error (garbage collection may race)."""
 
+    @abstractmethod
+    def delete_prefix(self, prefix: str) -> None:
+        """Remove every object under the folder `prefix` (a workspace's, when it is deleted): packs, blobs,
+        and what a crash left without a row."""
+
+    def lengths(self, keys: Iterable[str]) -> dict[str, int] | None:
+        """The length of the object at each of `keys` that exists; None from a store whose writes are durable
+        once committed (S3), which answers from the rows alone. The local store looks (see the module docstring)."""
+        return None
+
     def present(self, keys: dict[str, int]) -> set[str]:
-        """Those of `keys` ({key: size}) whose bytes the store holds. A store whose writes are durable once
-        committed (S3) answers from the rows alone; the local store looks (see the module docstring)."""
-        return set(keys)
+        """Those of `keys` ({key: size}) whose object holds at least `size` bytes: a blob's own, or a pack up to
+        the end of a blob in it (see `lengths`)."""
+        lengths = self.lengths(keys)
+        if lengths is None:
+            return set(keys)
+        return {key for key, size in keys.items() if lengths.get(key, -1) >= size}
 
 
 _temp_names = itertools.count()
@@ -107,8 +159,8 @@ class _LocalWriter(BlobWriter):
     # thousand small blobs (projects.services.blobs_upload_batch) felt. So did tempfile.mkstemp
     # (its random names, about 50 microseconds a blob): the temporary name is the blob's own
     # with this process, thread and a counter, created exclusively all the same.
-    def __init__(self, final: str) -> None:
-        super().__init__()
+    def __init__(self, final: str, hashed: bool = True) -> None:
+        super().__init__(hashed)
         self.final = final
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
         for _ in range(100):
@@ -142,6 +194,33 @@ class _LocalWriter(BlobWriter):
                 os.unlink(self.temp)
 
 
+class _Slice(io.RawIOBase):
+    """`size` bytes of an open file from where it stands; an error if the file ends first."""
+
+    def __init__(self, file: BinaryIO, size: int) -> None:
+        super().__init__()
+        self._file = file
+        self._left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._left <= 0:
+            return 0
+        view = memoryview(buffer)[:min(len(buffer), self._left)]
+        n = self._file.readinto(view)
+        if not n:
+            raise OSError(f"The pack ends {self._left} bytes short of the blob.")
+        self._left -= n
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self._file.close()
+        super().close()
+
+
 class LocalBlobStore(BlobStore):
     slow_commit = False
 
@@ -160,25 +239,36 @@ class LocalBlobStore(BlobStore):
     def exists(self, key: str) -> bool:
         return os.path.isfile(self._path(key))
 
-    def open_write(self, key: str) -> BlobWriter:
-        return _LocalWriter(self._path(key))
+    def open_write(self, key: str, hashed: bool = True) -> BlobWriter:
+        return _LocalWriter(self._path(key), hashed)
 
     def open_read(self, key: str) -> BinaryIO:
         return open(self._path(key), "rb")
+
+    def open_range(self, key: str, offset: int, size: int) -> BinaryIO:
+        file = open(self._path(key), "rb", buffering=0)  # noqa: SIM115 - the slice closes it
+        try:
+            file.seek(offset)
+        except BaseException:
+            file.close()
+            raise
+        return io.BufferedReader(_Slice(file, size), buffer_size=CHUNK_SIZE)
 
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path(key))
 
-    def present(self, keys: dict[str, int]) -> set[str]:
-        """A file of the recorded size: one stat per blob (about 10 ms for 10,000)."""
-        found = set()
-        for key, size in keys.items():
-            try:
-                if os.stat(self._path(key)).st_size == size:
-                    found.add(key)
-            except FileNotFoundError:
-                pass
+    def delete_prefix(self, prefix: str) -> None:
+        import shutil
+
+        shutil.rmtree(self._path(prefix), ignore_errors=True)
+
+    def lengths(self, keys: Iterable[str]) -> dict[str, int]:
+        """One stat per blob or pack (about 10 ms for 10,000)."""
+        found = {}
+        for key in keys:
+            with contextlib.suppress(FileNotFoundError):
+                found[key] = os.stat(self._path(key)).st_size
         return found
 
 
@@ -209,8 +299,9 @@ class _S3Writer(BlobWriter):
     previous object (for a content-addressed key: the same bytes), or none, or the whole blob.
     """
 
-    def __init__(self, client: Any, bucket: str, key: str, part_size: int = S3_PART_SIZE) -> None:
-        super().__init__()
+    def __init__(self, client: Any, bucket: str, key: str, part_size: int = S3_PART_SIZE,
+                 hashed: bool = True) -> None:
+        super().__init__(hashed)
         if part_size < S3_MIN_PART_SIZE:
             raise ValueError(f"S3 parts are at least {S3_MIN_PART_SIZE} bytes, not {part_size}.")
         self.client = client
@@ -341,8 +432,8 @@ class S3BlobStore(BlobStore):
             raise
         return True
 
-    def open_write(self, key: str) -> BlobWriter:
-        return _S3Writer(self.client, self.bucket, self.object_key(key), part_size=self.part_size)
+    def open_write(self, key: str, hashed: bool = True) -> BlobWriter:
+        return _S3Writer(self.client, self.bucket, self.object_key(key), part_size=self.part_size, hashed=hashed)
 
     def open_read(self, key: str) -> BinaryIO:
         from botocore.exceptions import ClientError
@@ -357,8 +448,30 @@ class S3BlobStore(BlobStore):
         # time, whatever size the caller asks for (FileResponse asks for 4 KiB).
         return io.BufferedReader(_S3Raw(response["Body"]), buffer_size=CHUNK_SIZE)
 
+    def open_range(self, key: str, offset: int, size: int) -> BinaryIO:
+        if size == 0:
+            return io.BytesIO(b"")  # a range cannot be empty
+        from botocore.exceptions import ClientError
+
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self.object_key(key),
+                                              Range=f"bytes={offset}-{offset + size - 1}")
+        except ClientError as error:
+            if _s3_missing(error):
+                raise FileNotFoundError(f"No pack at {key!r}") from error
+            raise
+        return io.BufferedReader(_S3Raw(response["Body"]), buffer_size=CHUNK_SIZE)
+
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self.object_key(key))  # S3 answers 204 for a missing key
+
+    def delete_prefix(self, prefix: str) -> None:
+        """Every object under the prefix, a page of 1,000 (one listing, one DeleteObjects) at a time."""
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=self.object_key(prefix.rstrip("/") + "/")):
+            objects = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+            if objects:
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True})
 
 
 _s3_clients: dict[tuple[str | None, str | None], Any] = {}

@@ -22,7 +22,7 @@ from controlplane.api.fields import StrictCharField, StrictIntegerField, StrictS
 from controlplane.api.schema import errors
 from projects import manifests
 from projects.models import Blob
-from projects.storage import blob_key, blob_store
+from projects.storage import open_blob
 
 MAX_LOG_CHUNK = 1024 * 1024  # decoded bytes per report
 
@@ -58,13 +58,17 @@ class NodeBlobView(NodeView):
     def get(self, request: Request, node_id, sha256: str) -> FileResponse:
         node = self.node(request, node_id)
         workspace_id = node.cluster.workspace_id
-        if not Blob.objects.filter(workspace_id=workspace_id, sha256=sha256).exists():
+        row = (Blob.objects.filter(workspace_id=workspace_id, sha256=sha256)
+               .values_list("size", "pack", "offset").first())
+        if row is None:
             raise Http404
         try:
-            handle = blob_store().open_read(blob_key(workspace_id, sha256))
+            handle = open_blob(workspace_id, sha256, *row)
         except FileNotFoundError:
             raise Http404 from None
-        return FileResponse(handle, content_type="application/octet-stream")
+        response = FileResponse(handle, content_type="application/octet-stream")
+        response["Content-Length"] = str(row[0])  # a blob in a pack is a stream of unknown length to FileResponse
+        return response
 
 
 class JobReportIn(StrictSerializer):

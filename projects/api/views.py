@@ -28,7 +28,7 @@ from projects.api.serializers import (
     SnapshotOut,
 )
 from projects.models import Blob, Snapshot
-from projects.storage import CHUNK_SIZE, blob_key, blob_store
+from projects.storage import CHUNK_SIZE, open_blob
 
 UUID_REGEX = r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"
 
@@ -105,13 +105,16 @@ class BlobViewSet(WorkspaceScopedViewSet):
 
     @extend_schema(responses={(200, "application/octet-stream"): OpenApiTypes.BINARY, **errors(401, 404)})
     def retrieve(self, request: Request, ws: str, sha256: str) -> FileResponse:
-        if not self.get_queryset().filter(sha256=sha256).exists():
+        row = self.get_queryset().filter(sha256=sha256).values_list("size", "pack", "offset").first()
+        if row is None:
             raise Http404
         try:
-            handle = blob_store().open_read(blob_key(self.workspace.pk, sha256))
+            handle = open_blob(self.workspace.pk, sha256, *row)
         except FileNotFoundError:
             raise Http404 from None
-        return FileResponse(handle, content_type="application/octet-stream")
+        response = FileResponse(handle, content_type="application/octet-stream")
+        response["Content-Length"] = str(row[0])  # a blob in a pack is a stream of unknown length to FileResponse
+        return response
 
 
 class SnapshotViewSet(WorkspaceScopedViewSet):

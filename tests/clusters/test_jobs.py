@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 
 import pytest
 
@@ -17,7 +18,7 @@ from clusters.reconciler import bootstrap_token_for
 from controlplane.choices import Role
 from controlplane.models import AuditEvent, Workspace
 from controlplane.services import Actor
-from projects.services import blob_upload, snapshot_create, snapshot_record
+from projects.services import blob_upload, blobs_upload_batch, snapshot_create, snapshot_record
 from tests.conftest import Api
 from tests.factories import ClusterFactory, NodeFactory, WorkspaceFactory
 
@@ -292,6 +293,16 @@ def test_the_manifest_of_a_layered_snapshot_is_the_whole_tree(api: Api, cluster:
     manifest = head.api.get(f"/api/agent/v1/nodes/{head.node.key}/jobs/{job_id}/manifest").json()
     assert manifest["files"] == [["extra.py", hashlib.sha256(extra).hexdigest(), len(extra), 0o644],
                                  ["main.py", hashlib.sha256(MAIN).hexdigest(), len(MAIN), 0o644]]
+
+
+def test_the_head_reads_a_blob_kept_in_a_pack(api: Api, cluster: Cluster, head: AgentApi):
+    small = [b"print('one')\n", b"", b"print('three')\n"]
+    bundle = b"".join(f"{hashlib.sha256(b).hexdigest()}{len(b):016x}".encode() + b for b in small)
+    blobs_upload_batch(workspace=cluster.workspace, stream=io.BytesIO(bundle), actor=Actor(user=None))
+    for data in small:
+        blob = head.api.get(f"/api/agent/v1/nodes/{head.node.key}/blobs/{hashlib.sha256(data).hexdigest()}")
+        assert blob.status_code == 200 and blob["Content-Length"] == str(len(data))
+        assert b"".join(blob.streaming_content) == data
 
 
 def test_the_head_reads_its_jobs_manifest_and_blobs_and_nothing_else(api: Api, cluster: Cluster, head: AgentApi):

@@ -34,6 +34,12 @@ def stored(blob_dir: Path) -> list[str]:
     return sorted(p.name for p in blob_dir.rglob("*") if p.is_file()) if blob_dir.exists() else []
 
 
+def read_back(api: Api, ws: str, data: bytes) -> bytes:
+    response = api.client.get(f"/api/v1/workspaces/{ws}/blobs/{sha(data)}")
+    assert response.status_code == 200, response
+    return b"".join(response.streaming_content)
+
+
 def test_a_bundle_stores_every_blob_and_records_them_at_once(api: Api, workspace: Workspace, blob_dir: Path):
     # given
     blobs = [b"print('a')\n", b"", b"x" * 3_000_000, b"import os\n"]
@@ -45,7 +51,9 @@ def test_a_bundle_stores_every_blob_and_records_them_at_once(api: Api, workspace
     assert sorted(Blob.objects.for_workspace(workspace).values_list("sha256", "size")) == sorted(
         (sha(b), len(b)) for b in blobs)
     for b in blobs:
-        assert (blob_dir / str(workspace.pk) / sha(b)[:2] / sha(b)).read_bytes() == b
+        assert read_back(api, workspace.slug, b) == b
+    # the three small ones in one pack, the 3 MB one in a file of its own
+    assert stored(blob_dir) == sorted([sha(blobs[2]), Blob.objects.get(sha256=sha(blobs[0])).pack])
     event = AuditEvent.objects.get(workspace=workspace, action="blob.upload_batch")
     assert event.data["count"] == 4 and event.data["size"] == sum(map(len, blobs))
     # and the workspace no longer misses them
@@ -69,7 +77,9 @@ def test_a_blob_whose_bytes_do_not_match_is_dropped_and_the_others_kept(api: Api
     assert response.status_code == 200
     assert response.json() == {"created": [sha(good)], "existing": [], "mismatched": [sha(b"what was hashed\n")]}
     assert list(Blob.objects.for_workspace(workspace).values_list("sha256", flat=True)) == [sha(good)]
-    assert stored(blob_dir) == [sha(good)]  # no temporary file left behind either
+    # one pack of the good blob's bytes alone: no temporary file left behind either
+    (pack,) = [p for p in blob_dir.rglob("*") if p.is_file()]
+    assert pack.read_bytes() == good and read_back(api, workspace.slug, good) == good
 
 
 @pytest.mark.parametrize(("body", "words"), [
@@ -120,7 +130,7 @@ def test_a_concurrently_recorded_blob_is_not_an_error(workspace: Workspace):
 
     data = b"raced\n"
     Blob.objects.create(workspace=workspace, sha256=sha(data), size=len(data))
-    services._insert_blobs(workspace, {sha(data): len(data)})  # the row exists already: skipped, no IntegrityError
+    services._insert_blobs(workspace, {sha(data): (len(data), "", None)})  # the row exists: skipped, no IntegrityError
     assert Blob.objects.filter(sha256=sha(data)).count() == 1
     result = services.blobs_upload_batch(workspace=workspace, stream=None, actor=Actor(user=None))
     assert (result.created, result.existing, result.mismatched) == ([], [], [])
