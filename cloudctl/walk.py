@@ -152,6 +152,7 @@ class _Walker:
             if spec is not None:
                 specs.append((prefix, spec))
         filtered = bool(specs) or self.excludes is not None  # else nothing is ignored: skip the checks
+        append = self.entries.append
         for child in children:
             name = child.name
             if name == ".git":  # a repository (or a submodule's .git file) is never part of a snapshot
@@ -164,7 +165,11 @@ class _Walker:
                     if not filtered or not self.ignored(path, True, specs):
                         self._dir(base + name, path, specs, ancestors | {base + name})
                 elif child.is_file(follow_symlinks=False) and (not filtered or not self.ignored(path, False, specs)):
-                    self._add(path, None if direct else base + name, child.stat(follow_symlinks=False))
+                    st = child.stat(follow_symlinks=False)
+                    if direct and path.isascii() and "\\" not in path:  # what _add checks, for the usual file
+                        append((path, None, st.st_size, st.st_mtime_ns, st.st_mode & 0o777))
+                    else:
+                        self._add(path, None if direct else base + name, st)
                 # sockets, FIFOs and devices have no content to send
             except FileNotFoundError:
                 continue  # deleted while we walked: it is simply not in this snapshot
