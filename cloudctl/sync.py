@@ -507,30 +507,48 @@ def _buffer() -> memoryview:
 def hash_file(entry: FileEntry) -> None:
     """Hash `entry.source` and refresh its size, mtime and mode from the same open file.
 
-    The file is stat'ed before and after reading; if it changed meanwhile it is read again.
+    The file is stat'ed before and after reading; if it changed meanwhile it is read again. A file
+    smaller than a chunk (most of a project) is one read of its size and one more byte, on the
+    bare descriptor: a file object and a read loop cost more than hashing a few KB.
     """
-    buf = _buffer()
     for _ in range(HASH_ATTEMPTS):
         try:
-            with open(entry.source, "rb", buffering=0) as f:
-                before = os.fstat(f.fileno())
-                digest = hashlib.sha256()
-                read = 0
-                while n := f.readinto(buf):
-                    digest.update(buf[:n])
-                    read += n
-                after = os.fstat(f.fileno())
+            fd = os.open(entry.source, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise CloudctlError(f"{entry.path} was deleted while the project was being synced; run the sync again.") \
                 from None
         except OSError as exc:
             raise CloudctlError(f"Cannot read {entry.path}: {exc.strerror}.") from None
+        try:
+            before = os.fstat(fd)
+            if before.st_size < CHUNK:
+                data = os.read(fd, before.st_size + 1)  # the byte more tells a file that grew
+                digest, read = hashlib.sha256(data), len(data)
+            else:
+                digest, read = _hash_stream(fd)
+            after = os.fstat(fd)
+        except OSError as exc:
+            raise CloudctlError(f"Cannot read {entry.path}: {exc.strerror}.") from None
+        finally:
+            os.close(fd)
         if read == before.st_size == after.st_size and before.st_mtime_ns == after.st_mtime_ns:
             entry.sha256 = digest.hexdigest()
             entry.size, entry.mtime_ns, entry.mode = read, after.st_mtime_ns, after.st_mode & 0o777
             return
     raise CloudctlError(f"{entry.path} kept changing while it was being hashed; stop what writes it, or add it "
                         f"to .cloudignore.")
+
+
+def _hash_stream(fd: int) -> tuple[Any, int]:
+    """The SHA-256 of what is left to read of `fd`, a chunk at a time into this thread's buffer; and its length."""
+    buf = _buffer()
+    digest = hashlib.sha256()
+    read = 0
+    with open(fd, "rb", buffering=0, closefd=False) as f:
+        while n := f.readinto(buf):
+            digest.update(buf[:n])
+            read += n
+    return digest, read
 
 
 def hash_entries(entries: Sequence[FileEntry], cache: HashCache, bars: _Bars | None = None) -> int:
@@ -597,7 +615,7 @@ def _wait_all(pool: ThreadPoolExecutor, futures: list[Future]) -> list[Any]:
 
 
 def _file_chunks(entry: FileEntry, sha256: str, on_bytes: Any) -> Iterator[bytes]:
-    """Exactly `entry.size` bytes of the file, read a chunk at a time.
+    """Exactly `entry.size` bytes of the file, read a chunk at a time (on the bare descriptor, see hash_file).
 
     A file that shrank since it was hashed is padded with zeros so that the request stays
     well-formed; the server then answers that the bytes do not hash to `sha256`, and the
@@ -605,26 +623,26 @@ def _file_chunks(entry: FileEntry, sha256: str, on_bytes: Any) -> Iterator[bytes
     """
     remaining = entry.size
     try:
-        f = open(entry.source, "rb")  # noqa: SIM115 - closed in the finally below, in the generator's own time
+        fd: int | None = os.open(entry.source, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
-        f = None
+        fd = None
     try:
         while remaining > 0:
             data = b""
-            if f is not None:
+            if fd is not None:
                 try:
-                    data = f.read(min(CHUNK, remaining))
+                    data = os.read(fd, min(CHUNK, remaining))
                 except OSError:  # unreadable now: pad, and the hash check sends it back to `hash_file`
-                    f.close()
-                    f = None
+                    os.close(fd)
+                    fd = None
             if not data:
                 data = bytes(min(CHUNK, remaining))
             remaining -= len(data)
             on_bytes(len(data))
             yield data
     finally:
-        if f is not None:
-            f.close()
+        if fd is not None:
+            os.close(fd)
 
 
 class _Body:
