@@ -188,37 +188,46 @@ class _BundleReader:
 
     A bundle of a thousand small blobs would otherwise cost two reads per blob through the
     WSGI input's layers (Django's LimitedStream, the server's body reader); this costs one
-    per CHUNK_SIZE of body. It holds at most about CHUNK_SIZE bytes.
+    per CHUNK_SIZE of body. It holds one piece (about CHUNK_SIZE bytes) at a time, and copies
+    no more of it than what it hands out: a big blob's bytes go out as views of the piece.
     """
 
     def __init__(self, stream: BinaryIO | None) -> None:
         self.stream = stream
         self.buffer = b""
+        self.view = memoryview(self.buffer)
         self.offset = 0
 
-    def _fill(self) -> bool:
+    def _next(self) -> bool:
         chunk = self.stream.read(CHUNK_SIZE) if self.stream is not None else b""
         if not chunk:
             return False
-        self.buffer = self.buffer[self.offset:] + chunk if self.offset < len(self.buffer) else chunk
-        self.offset = 0
+        self.buffer, self.view, self.offset = chunk, memoryview(chunk), 0
         return True
 
-    def read(self, n: int) -> bytes:
-        """Up to `n` bytes (at least one unless the body has ended), at most what is buffered."""
-        if self.offset >= len(self.buffer) and not self._fill():
+    def read(self, n: int) -> bytes | memoryview:
+        """Up to `n` bytes (at least one unless the body has ended), at most what is buffered: a view of them."""
+        if self.offset >= len(self.buffer) and not self._next():
             return b""
-        piece = self.buffer[self.offset:self.offset + n]
+        piece = self.view[self.offset:self.offset + n]
         self.offset += len(piece)
         return piece
 
     def read_exact(self, n: int) -> bytes:
         """`n` bytes, or fewer only where the body ends."""
-        while len(self.buffer) - self.offset < n and self._fill():
-            pass
-        piece = self.buffer[self.offset:self.offset + n]
-        self.offset += len(piece)
-        return piece
+        if len(self.buffer) - self.offset >= n:
+            piece = self.buffer[self.offset:self.offset + n]
+            self.offset += n
+            return piece
+        parts = [self.buffer[self.offset:]]
+        have = len(parts[0])
+        self.offset = len(self.buffer)
+        while have < n and self._next():
+            part = self.buffer[:n - have]
+            parts.append(part)
+            have += len(part)
+            self.offset = len(part)
+        return b"".join(parts)
 
 
 _BLOB_VALUES = ("workspace", "sha256", "size", "created_at", "pack", "offset")  # the columns an insert is given
