@@ -159,17 +159,18 @@ class _Walker:
                 continue
             path = prefix + name
             try:
-                if child.is_symlink():
-                    self._link(base + name, path, specs, ancestors)
+                if child.is_file(follow_symlinks=False):  # most are: asked first (not a link, which comes last)
+                    if not filtered or not self.ignored(path, False, specs):
+                        st = child.stat(follow_symlinks=False)
+                        if direct and path.isascii() and "\\" not in path:  # what _add checks, for the usual file
+                            append((path, None, st.st_size, st.st_mtime_ns, st.st_mode & 0o777))
+                        else:
+                            self._add(path, None if direct else base + name, st)
                 elif child.is_dir(follow_symlinks=False):
                     if not filtered or not self.ignored(path, True, specs):
                         self._dir(base + name, path, specs, ancestors | {base + name})
-                elif child.is_file(follow_symlinks=False) and (not filtered or not self.ignored(path, False, specs)):
-                    st = child.stat(follow_symlinks=False)
-                    if direct and path.isascii() and "\\" not in path:  # what _add checks, for the usual file
-                        append((path, None, st.st_size, st.st_mtime_ns, st.st_mode & 0o777))
-                    else:
-                        self._add(path, None if direct else base + name, st)
+                elif child.is_symlink():
+                    self._link(base + name, path, specs, ancestors)
                 # sockets, FIFOs and devices have no content to send
             except FileNotFoundError:
                 continue  # deleted while we walked: it is simply not in this snapshot
