@@ -249,17 +249,16 @@ def _project_to_walk(file: str | Path | None) -> tuple[Project | None, str, list
 
 
 class PendingWalk:
-    """The walk of `cloudctl sync`'s project, started in a forked child the moment the command starts.
+    """The walk of `cloudctl sync`'s project in a forked child, started as soon as the project is known.
 
-    The child finds the project itself (cloud.yaml, if any), walks it, sends the root, the excludes
-    and the entries (or the message of the CloudctlError the walk met) marshalled through a pipe,
-    and exits. The parent meanwhile imports the rest of cloudctl and reads the hash cache, then
-    `result(root, excludes)` takes the child's entries if it walked that same root with those same
-    excludes. Where there is no fork, or the child failed or found another project, the walk is
-    done again here: the child only ever saves time.
+    The child walks `root` with `excludes`, sends them and the entries (or the message of the
+    CloudctlError the walk met) marshalled through a pipe, and exits. The parent meanwhile imports
+    the rest of cloudctl and reads the hash cache, then `result(root, excludes)` takes the child's
+    entries if it walked that same root with those same excludes. Where there is no fork, or the
+    child failed, the walk is done again here: the child only ever saves time.
     """
 
-    def __init__(self, file: str | Path | None) -> None:
+    def __init__(self, root: str | Path, excludes: Sequence[str]) -> None:
         self.pid: int | None = None
         self.fd: int | None = None
         threading = sys.modules.get("threading")  # not imported: no other thread to be copied half-way
@@ -274,11 +273,11 @@ class PendingWalk:
             code = 0
             try:
                 os.close(read)
-                _, root, excludes = _project_to_walk(file)
+                real, wanted = os.path.realpath(root), list(excludes)
                 try:
-                    answer: Any = (os.path.realpath(root), excludes, "entries", _walk(root, excludes))
+                    answer: Any = (real, wanted, "entries", _walk(root, excludes))
                 except CloudctlError as exc:
-                    answer = (os.path.realpath(root), excludes, "error", (exc.message, exc.details, exc.code))
+                    answer = (real, wanted, "error", (exc.message, exc.details, exc.code))
                 data = marshal.dumps(answer)
                 _widen(write, len(data))
                 view = memoryview(data)
@@ -339,11 +338,6 @@ def _widen(pipe: int, size: int) -> None:
 
 
 def start_walk(file: str | Path | None) -> tuple[Project | None, PendingWalk]:
-    """`cloudctl sync [-f FILE]`: the walk started (PendingWalk), then the project found (None: no cloud.yaml)."""
-    walk = PendingWalk(file)
-    try:
-        project, _, _ = _project_to_walk(file)
-    except BaseException:
-        walk.close()
-        raise
-    return project, walk
+    """`cloudctl sync [-f FILE]`: the project found (None: no cloud.yaml), and its walk started (PendingWalk)."""
+    project, root, excludes = _project_to_walk(file)
+    return project, PendingWalk(root, excludes)
