@@ -140,16 +140,25 @@ def own_rows(snapshot: Snapshot) -> dict[str, Entry]:
 
 
 def insert_rows(snapshot: Snapshot, rows: Iterable[tuple[str, str, int, int]]) -> None:
-    """INSERT (path, sha256, size, mode) rows of `snapshot` with one parameterised executemany per 5,000.
+    """INSERT (path, sha256, size, mode) rows of `snapshot`: on PostgreSQL with one COPY, elsewhere with one
+    parameterised executemany per 5,000.
 
     bulk_create builds a model instance per row, about 30 microseconds each: a third of a
-    second for a 10,000-file project. The statement and its values are the ones bulk_create would send.
+    second for a 10,000-file project. The statement and its values are the ones bulk_create would
+    send. On PostgreSQL even those cost a row's INSERT each, 0.23 s for 10,000, where COPY, made
+    for loading many rows, takes 0.04 s; the snapshot is new, so no row of it can conflict.
     """
     columns = ", ".join(_column(name) for name in ("snapshot", "path", "sha256", "size", "mode"))
-    sql = f"INSERT INTO {_quote(SnapshotFile._meta.db_table)} ({columns}) VALUES (%s, %s, %s, %s, %s)"  # noqa: S608 - names only
+    table = _quote(SnapshotFile._meta.db_table)
     ref = _ref(snapshot.pk)
-    batch: list[tuple] = []
     with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            with cursor.cursor.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row((ref, *row))
+            return
+        sql = f"INSERT INTO {table} ({columns}) VALUES (%s, %s, %s, %s, %s)"  # noqa: S608 - names only
+        batch: list[tuple] = []
         for row in rows:
             batch.append((ref, *row))
             if len(batch) == 5_000:
