@@ -838,13 +838,15 @@ def sync_project(client: Client, root: Path, *, excludes: Sequence[str] = (), ma
     files the cache vouches for are the last snapshot's, whose blobs the server confirmed.
     """
     limit = resolve_max_bytes(max_bytes)
-    cache = HashCache.load(os.path.realpath(root))  # while the walk runs, if it was started
+    # While the walk runs, if it was started: the cache, and the hashes the server confirmed.
+    cache = HashCache.load(os.path.realpath(root))
+    remote = f"{client.url} {client.workspace}"
+    confirmed = cache.confirmed(remote)
     entries = walk.result(root, excludes) if walk is not None else walk_project(root, excludes)
     total = check_size(entries, limit)
     if len(entries) > MAX_FILES:
         raise CloudctlError(f"The project has {len(entries):,} files and a snapshot holds at most {MAX_FILES:,}; add "
                             f"what the job does not need to .cloudignore. Nothing was uploaded.")
-    remote = f"{client.url} {client.workspace}"
     base = cache.last_snapshot(remote)
     compared = cache.compare(entries)
     uploaded = _Uploaded()
@@ -855,7 +857,6 @@ def sync_project(client: Client, root: Path, *, excludes: Sequence[str] = (), ma
             hashed = hash_entries(compared.differ, cache, bars)
             # With a base, every other file is one of its files, whose blob the server confirmed.
             by_hash = _by_hash(compared.differ if base is not None else entries)
-            confirmed = cache.confirmed(remote) if by_hash else set()
             ask = [h for h in by_hash if h not in confirmed]
             for _ in range(MAX_ROUNDS):
                 to_hash = {h: by_hash[h] for h in ask if h in by_hash}
