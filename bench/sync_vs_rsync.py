@@ -1,6 +1,6 @@
 """`cloudctl sync` against `rsync -a` to a local folder, on the same generated project.
 
-    .venv/bin/python bench/sync_vs_rsync.py [--runs 3] [--files 10000] [--mb 300]
+    .venv/bin/python bench/sync_vs_rsync.py [--runs 5] [--files 10000] [--mb 300]
 
 The project: `--files` files of random bytes (nothing dedups) totalling about `--mb` MB: 0.6 %
 of them data files of 2 to 6.6 MB, the rest source-sized files (a few KB each), in about 200
@@ -95,7 +95,7 @@ def row(label: str, values: list[float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--files", type=int, default=10_000)
     parser.add_argument("--mb", type=int, default=300, help="total project size, about")
     args = parser.parse_args()
