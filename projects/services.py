@@ -110,13 +110,14 @@ def blob_rows(workspace: Workspace, hashes: Iterable[str]) -> dict[str, BlobRow]
 
 
 def _held(store: BlobStore, workspace: Workspace, rows: dict[str, BlobRow]) -> set[str]:
-    """Those of `rows` whose bytes the store holds: their object is there, long enough (projects.storage: a crash
-    may cost a file its row kept, or cut it short)."""
-    where = {sha256: blob_location(workspace.pk, sha256, *row) for sha256, row in rows.items()}
-    lengths = store.lengths({key for key, _ in where.values()})
+    """Those of `rows` whose bytes the store holds (projects.storage: a crash may cost a file its row kept, or cut
+    it short): a blob's own object of exactly its size, or a pack that reaches to the blob's end."""
+    where = {sha256: (*blob_location(workspace.pk, sha256, *row), bool(row[1])) for sha256, row in rows.items()}
+    lengths = store.lengths({key for key, _, _ in where.values()})
     if lengths is None:
         return set(rows)
-    return {sha256 for sha256, (key, end) in where.items() if lengths.get(key, -1) >= end}
+    return {sha256 for sha256, (key, end, packed) in where.items()
+            if (lengths.get(key, -1) >= end if packed else lengths.get(key) == end)}
 
 
 def blobs_missing(*, workspace: Workspace, hashes: list[str]) -> list[str]:
@@ -130,8 +131,8 @@ def blobs_missing(*, workspace: Workspace, hashes: list[str]) -> list[str]:
 def _bytes_held(store: BlobStore, workspace: Workspace, sha256: str, row: BlobRow) -> bool:
     """Whether the store holds the bytes of a blob that has a row (see _held), looked up even in a store that trusts
     its rows: one that does is not written again."""
-    key, end = blob_location(workspace.pk, sha256, *row)
-    return store.exists(key) and bool(store.present({key: end}))
+    key, _ = blob_location(workspace.pk, sha256, *row)
+    return store.exists(key) and sha256 in _held(store, workspace, {sha256: row})
 
 
 def _own_object(workspace: Workspace, sha256: str) -> None:

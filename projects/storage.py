@@ -7,7 +7,7 @@ into a temporary file beside the final one; `commit()` renames it into place ato
 The local store does not fsync each blob (as rsync does not): on one disk, 10,000 fsyncs
 cost a 10,000-file project several seconds per sync. What a crash can cost instead is a
 blob whose row outlived its file, or whose file was cut short; both are caught where it
-matters. `BlobStore.present()` is consulted by `blobs/missing`, so a client uploads such a
+matters. `BlobStore.lengths()` is consulted by `blobs/missing`, so a client uploads such a
 blob again, and every reader of a blob (the head's agent) verifies its hash.
 
 Small blobs that arrive together (a bundle, `blobs/batch`) are kept together: one object, a pack,
@@ -142,13 +142,6 @@ class BlobStore(ABC):
         once committed (S3), which answers from the rows alone. The local store looks (see the module docstring)."""
         return None
 
-    def present(self, keys: dict[str, int]) -> set[str]:
-        """Those of `keys` ({key: size}) whose object holds at least `size` bytes: a blob's own, or a pack up to
-        the end of a blob in it (see `lengths`)."""
-        lengths = self.lengths(keys)
-        if lengths is None:
-            return set(keys)
-        return {key for key, size in keys.items() if lengths.get(key, -1) >= size}
 
 
 _temp_names = itertools.count()

@@ -138,3 +138,16 @@ def test_another_workspace_cannot_read_a_packed_blob(api: Api, workspace: Worksp
     assert read_blob(api, workspace.slug, secret)[0] == 404
     assert api.post(f"workspaces/{workspace.slug}/blobs/missing", {"sha256": [sha(secret)]}).json() == {
         "missing": [sha(secret)]}
+
+
+def test_a_blobs_own_file_must_be_exactly_its_size_while_a_pack_may_run_past_it(api: Api, workspace: Workspace,
+                                                                                blob_dir: Path):
+    small, big = b"s = 1\n", b"b" * (services.PACK_MAX_BLOB + 1)
+    assert post_bundle(api, workspace.slug, frame(small) + frame(big)).status_code == 200
+    own = blob_dir / str(workspace.pk) / sha(big)[:2] / sha(big)
+    (pack,) = (blob_dir / str(workspace.pk) / "packs").iterdir()
+    own.write_bytes(big + b"junk")  # a file that is not the blob's bytes any more
+    with pack.open("ab") as f:
+        f.write(b"bytes of no blob")  # the pack still holds every blob it had
+    missing = api.post(f"workspaces/{workspace.slug}/blobs/missing", {"sha256": [sha(small), sha(big)]})
+    assert missing.json() == {"missing": [sha(big)]}
