@@ -293,7 +293,7 @@ class HashCache:
             except (TypeError, IndexError, KeyError):  # not an entry this version wrote
                 pass
             differ.append(e)
-        return Compared(entries, differ, seen == len(files))
+        return Compared(differ, seen == len(files))
 
     def _same(self, e: FileEntry) -> bool:
         """Whether the last snapshot has `e` as it is now: same sha256, size and mode at its path."""
@@ -303,12 +303,10 @@ class HashCache:
         except (TypeError, IndexError, KeyError):  # not there, or not an entry this version wrote
             return False
 
-    def delta(self, entries: Sequence[FileEntry], compared: Compared | None = None) -> tuple[list[dict], list[str]]:
-        """How `entries` differ from the last snapshot's manifest: (new or changed entries, paths gone).
-
-        With `compared` (this cache's compare of `entries`), only its `differ` entries are looked at."""
-        candidates = compared.differ if compared is not None else entries
-        changes = [e.manifest_entry() for e in candidates if not self._same(e)]
+    def delta(self, entries: Sequence[FileEntry], compared: Compared) -> tuple[list[dict], list[str]]:
+        """How `entries` differ from the last snapshot's manifest: (new or changed entries, paths gone). Only the
+        `differ` entries of `compared` (this cache's compare of `entries`) are looked at."""
+        changes = [e.manifest_entry() for e in compared.differ if not self._same(e)]
         return changes, self._gone(entries, compared)
 
     def _gone(self, entries: Sequence[FileEntry], compared: Compared | None = None) -> list[str]:
@@ -408,10 +406,9 @@ class Compared:
     cache's (the others have their sha256 from it and are exactly as the last snapshot has them), `all_seen` whether
     every path of the cache is in the walk (no file was deleted)."""
 
-    __slots__ = ("all_seen", "differ", "entries")
+    __slots__ = ("all_seen", "differ")
 
-    def __init__(self, entries: Sequence[FileEntry], differ: list[FileEntry], all_seen: bool) -> None:
-        self.entries = entries
+    def __init__(self, differ: list[FileEntry], all_seen: bool) -> None:
         self.differ = differ
         self.all_seen = all_seen
 

@@ -21,8 +21,7 @@ from clusters.models import Job, Node
 from controlplane.api.fields import StrictCharField, StrictIntegerField, StrictSerializer
 from controlplane.api.schema import errors
 from projects import manifests
-from projects.models import Blob
-from projects.storage import open_blob
+from projects.api.views import blob_response
 
 MAX_LOG_CHUNK = 1024 * 1024  # decoded bytes per report
 
@@ -57,18 +56,7 @@ class NodeBlobView(NodeView):
                    tags=["agent"])
     def get(self, request: Request, node_id, sha256: str) -> FileResponse:
         node = self.node(request, node_id)
-        workspace_id = node.cluster.workspace_id
-        row = (Blob.objects.filter(workspace_id=workspace_id, sha256=sha256)
-               .values_list("size", "pack", "offset").first())
-        if row is None:
-            raise Http404
-        try:
-            handle = open_blob(workspace_id, sha256, *row)
-        except FileNotFoundError:
-            raise Http404 from None
-        response = FileResponse(handle, content_type="application/octet-stream")
-        response["Content-Length"] = str(row[0])  # a blob in a pack is a stream of unknown length to FileResponse
-        return response
+        return blob_response(node.cluster.workspace_id, sha256)
 
 
 class JobReportIn(StrictSerializer):

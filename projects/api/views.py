@@ -105,16 +105,22 @@ class BlobViewSet(WorkspaceScopedViewSet):
 
     @extend_schema(responses={(200, "application/octet-stream"): OpenApiTypes.BINARY, **errors(401, 404)})
     def retrieve(self, request: Request, ws: str, sha256: str) -> FileResponse:
-        row = self.get_queryset().filter(sha256=sha256).values_list("size", "pack", "offset").first()
-        if row is None:
-            raise Http404
-        try:
-            handle = open_blob(self.workspace.pk, sha256, *row)
-        except FileNotFoundError:
-            raise Http404 from None
-        response = FileResponse(handle, content_type="application/octet-stream")
-        response["Content-Length"] = str(row[0])  # a blob in a pack is a stream of unknown length to FileResponse
-        return response
+        return blob_response(self.workspace.pk, sha256)
+
+
+def blob_response(workspace_id: int, sha256: str) -> FileResponse:
+    """The bytes of the workspace's blob `sha256`, streamed (404 if it has none, or the store lost them): for the API
+    and for the head's agent alike."""
+    row = Blob.objects.filter(workspace_id=workspace_id, sha256=sha256).values_list("size", "pack", "offset").first()
+    if row is None:
+        raise Http404
+    try:
+        handle = open_blob(workspace_id, sha256, *row)
+    except FileNotFoundError:
+        raise Http404 from None
+    response = FileResponse(handle, content_type="application/octet-stream")
+    response["Content-Length"] = str(row[0])  # a blob in a pack is a stream of unknown length to FileResponse
+    return response
 
 
 class SnapshotViewSet(WorkspaceScopedViewSet):
